@@ -1,0 +1,74 @@
+"""attnpatch: route the attention of existing diffusers and transformers models to the backend you choose.
+
+``import attnpatch`` imports neither torch nor wrapt: the public names below load their module on first use,
+so the interpreter-start hook and ``python -m attnpatch --help`` stay cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "AttnpatchError": "attnpatch.errors",
+    "AttnpatchWarning": "attnpatch.errors",
+    "BackendUnavailable": "attnpatch.errors",
+    "CheckFailed": "attnpatch.errors",
+    "UnknownBackendError": "attnpatch.errors",
+    "UnsupportedCall": "attnpatch.errors",
+    "Capabilities": "attnpatch.registry",
+    "get_backend": "attnpatch.registry",
+    "list_backends": "attnpatch.registry",
+    "register_backend": "attnpatch.registry",
+    "unregister_backend": "attnpatch.registry",
+    "attention_backend": "attnpatch.dispatch",
+    "current_backend": "attnpatch.dispatch",
+    "dispatch_attention": "attnpatch.dispatch",
+    "fallback_counts": "attnpatch.dispatch",
+    "get_default_backend": "attnpatch.dispatch",
+    "set_allow_lossy": "attnpatch.dispatch",
+    "set_checks": "attnpatch.dispatch",
+    "set_default_backend": "attnpatch.dispatch",
+    "set_strict": "attnpatch.dispatch",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attnpatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from attnpatch.dispatch import (
+        attention_backend,
+        current_backend,
+        dispatch_attention,
+        fallback_counts,
+        get_default_backend,
+        set_allow_lossy,
+        set_checks,
+        set_default_backend,
+        set_strict,
+    )
+    from attnpatch.errors import (
+        AttnpatchError,
+        AttnpatchWarning,
+        BackendUnavailable,
+        CheckFailed,
+        UnknownBackendError,
+        UnsupportedCall,
+    )
+    from attnpatch.registry import Capabilities, get_backend, list_backends, register_backend, unregister_backend

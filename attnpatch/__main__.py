@@ -1,0 +1,5 @@
+import sys
+
+from attnpatch.cli import main
+
+sys.exit(main())

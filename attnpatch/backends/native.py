@@ -1,0 +1,167 @@
+"""PyTorch's scaled_dot_product_attention, automatic or pinned to one of its kernels.
+
+``native`` lets torch pick the kernel. The ``_native_*`` variants pin one kernel with ``sdpa_kernel`` so a user
+can test or force it; each declares what that kernel takes, so a call it cannot serve falls back with a reason
+instead of failing inside torch with "No available kernel".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from attnpatch import masks
+from attnpatch.registry import MASK_NONE, Backend, CallSpec, Capabilities, cuda_reasons, register
+
+HALF = frozenset({torch.float16, torch.bfloat16})
+
+
+def native(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> torch.Tensor:
+    """F.scaled_dot_product_attention on (batch, seq, heads, head_dim) tensors; torch picks the kernel.
+
+    On torch >= 2.5 SDPA already returns 0 for query rows with no key to attend, so no extra fix-up is needed.
+    """
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=key.shape[2] != query.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def _pinned(kernel: SDPBackend, expand_gqa: bool = False) -> Callable[..., torch.Tensor]:
+    # The pinned kernels have the same contract as `native`; only the kernel choice differs. Kernels without
+    # native GQA get key/value heads repeated, which is what torch's own fallback would do.
+    def run(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+        scale: float | None,
+        enable_gqa: bool,
+    ) -> torch.Tensor:
+        if expand_gqa and key.shape[2] != query.shape[2]:
+            repeat = query.shape[2] // key.shape[2]
+            key = key.repeat_interleave(repeat, dim=2)
+            value = value.repeat_interleave(repeat, dim=2)
+        with sdpa_kernel(kernel):
+            out = native(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return masks.zero_fully_masked(out, attn_mask) if attn_mask is not None and kernel != SDPBackend.MATH else out
+
+    run.__name__ = run.__qualname__ = f"sdpa_{kernel.name.lower()}"
+    return run
+
+
+register(
+    Backend(
+        "native",
+        native,
+        family="native",
+        caps=Capabilities(priority=10),
+        builtin=True,
+        description="torch.nn.functional.scaled_dot_product_attention, kernel chosen by torch",
+    ),
+    aliases=("sdpa", "torch", "default", "_native"),
+)
+register(
+    Backend(
+        "_native_math",
+        _pinned(SDPBackend.MATH),
+        family="native",
+        caps=Capabilities(),  # priority 0: a reference, never picked by `auto`
+        builtin=True,
+        description="SDPA pinned to the math (reference) kernel: any device and dtype, slowest",
+    ),
+    aliases=("math", "_native_math_sdpa"),
+)
+
+register(
+    Backend(
+        "_native_flash",
+        _pinned(SDPBackend.FLASH_ATTENTION),
+        family="native",
+        # The CPU flash kernel takes masks, fp32/fp64 and any head dim but no dropout; the CUDA one (FA2
+        # inside torch) takes fp16/bf16, head_dim <= 256 and no arbitrary mask.
+        caps=Capabilities(devices=frozenset({"cpu", "cuda"}), dropout=True, priority=40),
+        check=lambda call: _flash_sdpa_reasons(call),
+        builtin=True,
+        description="SDPA pinned to its FlashAttention kernel (torch's bundled FA2 on CUDA, its own on CPU)",
+    )
+)
+
+
+def _flash_sdpa_reasons(call: CallSpec) -> list[str]:
+    reasons = []
+    if call.device_type == "cpu":
+        if call.dropout:
+            reasons.append("the CPU flash kernel has no dropout")
+        return reasons
+    if call.dtype not in HALF:
+        reasons.append(f"needs dtype bfloat16 or float16 on CUDA, got {str(call.dtype).replace('torch.', '')}")
+    if max(call.head_dim, call.head_dim_v) > 256:
+        reasons.append(f"head_dim {max(call.head_dim, call.head_dim_v)} > 256")
+    if call.head_dim % 8:
+        reasons.append(f"head_dim {call.head_dim} is not a multiple of 8")
+    if call.mask_kind != MASK_NONE:
+        reasons.append(f"does not take an attn_mask on CUDA (got a {call.mask_kind.replace('_', '-')} mask)")
+    return reasons
+
+
+register(
+    Backend(
+        "_native_efficient",
+        _pinned(SDPBackend.EFFICIENT_ATTENTION, expand_gqa=True),
+        family="native",
+        caps=Capabilities(
+            devices=frozenset({"cuda"}),
+            dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+            head_dim_multiple=8,
+            gqa=True,  # served by repeating key/value heads
+            priority=30,
+        ),
+        requires=cuda_reasons,
+        builtin=True,
+        description="SDPA pinned to its memory-efficient (xFormers-derived) kernel; CUDA",
+    ),
+    aliases=("efficient", "mem_efficient"),
+)
+
+register(
+    Backend(
+        "_native_cudnn",
+        _pinned(SDPBackend.CUDNN_ATTENTION, expand_gqa=True),
+        family="native",
+        caps=Capabilities(
+            devices=frozenset({"cuda"}),
+            dtypes=HALF,
+            max_head_dim=128,
+            head_dim_multiple=8,
+            same_v_head_dim=True,
+            min_compute_capability=(8, 0),
+            priority=45,
+        ),
+        requires=cuda_reasons,
+        builtin=True,
+        description="SDPA pinned to its cuDNN attention kernel; CUDA, compute capability >= 8.0",
+    ),
+    aliases=("cudnn",),
+)

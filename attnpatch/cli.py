@@ -1,0 +1,107 @@
+"""Command line: ``python -m attnpatch`` / ``attnpatch``.
+
+Subcommands (``list``, ``bench``, ``demo``, ``cache``) live in their own modules and are imported only when used;
+anything else is the runner (``python -m attnpatch [options] script.py [args]``, see attnpatch.runner).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> "module:function"; the function takes the remaining argv and returns an exit status.
+SUBCOMMANDS = {
+    "list": "attnpatch.cli:cmd_list",
+    "bench": "attnpatch.bench:main",
+    "demo": "attnpatch.demo:main",
+    "cache": "attnpatch.autotune:cache_main",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        module, _, function = SUBCOMMANDS[args[0]].partition(":")
+        return int(getattr(importlib.import_module(module), function)(args[1:]) or 0)
+    from attnpatch import runner
+
+    return runner.main(args)
+
+
+def cmd_list(argv: Sequence[str]) -> int:
+    """Print every backend: availability here (or why not, with the fix) and what it can serve."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m attnpatch list", description=cmd_list.__doc__)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--available", action="store_true", help="only backends that can run here")
+    opts = parser.parse_args(list(argv))
+
+    from attnpatch import registry
+
+    rows = [_describe(b) for b in registry.list_backends() if b.available or not opts.available]
+    if opts.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = [
+        "name",
+        "family",
+        "available",
+        "devices",
+        "dtypes",
+        "head_dim",
+        "masks",
+        "gqa",
+        "causal",
+        "dropout",
+        "backward",
+        "lossy",
+    ]
+    table = [[str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for r in table:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    unavailable = [b for b in registry.list_backends() if b.reasons]
+    if unavailable:
+        print("\nnot available here:")
+        for b in unavailable:
+            print(f"  {b.name}: {'; '.join(b.reasons)}")
+    aliases = registry.aliases()
+    if aliases:
+        print("\naliases: " + ", ".join(f"{a} -> {t}" for a, t in sorted(aliases.items())))
+    print("\nplus 'auto' (best available backend per call) and chains like 'sage,flash,native'.")
+    return 0
+
+
+def _describe(backend: object) -> dict[str, object]:
+    from attnpatch.registry import Backend, dtype_name
+
+    assert isinstance(backend, Backend)
+    caps = backend.caps
+    head_dim = f"{caps.min_head_dim}-{caps.max_head_dim}" if caps.max_head_dim else f">={caps.min_head_dim}"
+    if caps.head_dim_multiple > 1:
+        head_dim += f" %{caps.head_dim_multiple}"
+    return {
+        "name": backend.name,
+        "family": backend.family,
+        "available": "yes" if backend.available else "no",
+        "reasons": list(backend.reasons),
+        "devices": "/".join(sorted(caps.devices)) if caps.devices else "any",
+        "dtypes": "/".join(sorted(dtype_name(d).replace("float", "f") for d in caps.dtypes)) if caps.dtypes else "any",
+        "head_dim": head_dim,
+        "masks": "/".join(sorted(m for m in caps.masks if m != "none")) or "none",
+        "gqa": _yn(caps.gqa),
+        "causal": _yn(caps.causal),
+        "dropout": _yn(caps.dropout),
+        "backward": _yn(caps.backward),
+        "lossy": _yn(caps.lossy),
+        "description": backend.description,
+    }
+
+
+def _yn(value: bool) -> str:
+    return "yes" if value else "no"

@@ -1,0 +1,102 @@
+"""Attention-mask normalisation, done once per call for every backend.
+
+Accepted masks (True / non-zero = attend for bool and integer masks; additive masks are added to the scores):
+    (batch, seq_kv)                      key padding, e.g. a tokenizer's attention_mask
+    (batch, seq_q, seq_kv)               per-query mask
+    (batch|1, 1|heads, seq_q|1, seq_kv)  SDPA-style 4-D mask, broadcast over the singleton dims
+Out: a 4-D mask in one of the kinds of :mod:`attnpatch.registry` (bool, key_padding, additive in query's dtype).
+Note that a 2-D mask is *key padding* here, not SDPA's (seq_q, seq_kv): pass that one as (1, 1, seq_q, seq_kv).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnpatch.errors import CheckFailed
+from attnpatch.registry import MASK_ADDITIVE, MASK_BOOL, MASK_KEY_PADDING, MASK_NONE
+
+
+def normalize(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Return (mask (B|1, 1|H, Sq|1, Skv), kind) for query (B, Sq, H, D) and key (B, Skv, Hkv, D)."""
+    batch, seq_q, heads = query.shape[0], query.shape[1], query.shape[2]
+    seq_kv = key.shape[1]
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        mask = mask != 0  # integer keep-masks (tokenizer attention_mask) mean the same as bool ones
+    if mask.dim() == 2:
+        if mask.shape[0] != batch or mask.shape[1] != seq_kv:
+            raise CheckFailed(
+                f"attn_mask of shape {tuple(mask.shape)}: a 2-D mask is key padding (batch={batch}, "
+                f"seq_kv={seq_kv}); pass a (seq_q, seq_kv) mask as (1, 1, seq_q, seq_kv)"
+            )
+        mask = mask[:, None, None, :]
+    elif mask.dim() == 3:
+        if mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, seq_q) or mask.shape[2] != seq_kv:
+            raise CheckFailed(
+                f"attn_mask of shape {tuple(mask.shape)}: a 3-D mask must be (batch={batch}|1, seq_q={seq_q}|1, "
+                f"seq_kv={seq_kv})"
+            )
+        mask = mask[:, None]
+    elif mask.dim() == 4:
+        b, h, q, k = mask.shape
+        if b not in (1, batch) or h not in (1, heads) or q not in (1, seq_q) or k != seq_kv:
+            raise CheckFailed(
+                f"attn_mask of shape {tuple(mask.shape)}: a 4-D mask must broadcast to (batch={batch}, "
+                f"heads={heads}, seq_q={seq_q}, seq_kv={seq_kv})"
+            )
+    else:
+        raise CheckFailed(
+            f"attn_mask with {mask.dim()} dims, shape {tuple(mask.shape)}: use (batch, seq_kv), "
+            "(batch, seq_q, seq_kv) or (batch, heads, seq_q, seq_kv)"
+        )
+    if mask.dtype == torch.bool:
+        return mask, (MASK_KEY_PADDING if mask.shape[1] == 1 and mask.shape[2] == 1 else MASK_BOOL)
+    if mask.dtype != query.dtype:
+        mask = mask.to(query.dtype)
+    return mask, MASK_ADDITIVE
+
+
+def causal(seq_q: int, seq_kv: int, device: torch.device) -> torch.Tensor:
+    """Top-left aligned causal mask (seq_q, seq_kv), True = attend, like SDPA's is_causal."""
+    return torch.ones(seq_q, seq_kv, dtype=torch.bool, device=device).tril()
+
+
+def fold_causal(mask: torch.Tensor, kind: str, seq_q: int, seq_kv: int) -> tuple[torch.Tensor, str]:
+    """Apply SDPA's top-left causal mask on top of ``mask`` so backends see one mask and is_causal=False."""
+    keep = causal(seq_q, seq_kv, mask.device)
+    if mask.dtype == torch.bool:
+        return mask & keep, MASK_BOOL
+    return mask.masked_fill(~keep, float("-inf")), MASK_ADDITIVE
+
+
+def to_bool(mask: torch.Tensor) -> torch.Tensor:
+    """True where a key may be attended (an additive mask's -inf entries are the masked ones)."""
+    if mask.dtype == torch.bool:
+        return mask
+    return ~torch.isneginf(mask)
+
+
+def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def zero_fully_masked(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero query rows that may attend to no key at all (instead of NaN or an average of masked values).
+
+    out: (batch, seq_q, heads, head_dim_v); mask: normalised (B|1, 1|H, Sq|1, Skv). No data-dependent branch,
+    so it is safe inside torch.compile.
+    """
+    if mask is None:
+        return out
+    keep = to_bool(mask).any(dim=-1)  # (B|1, 1|H, Sq|1)
+    keep = keep.transpose(1, 2).unsqueeze(-1)  # (B|1, Sq|1, 1|H, 1)
+    return out.masked_fill(~keep, 0.0)
+
+
+def kind_of(mask: torch.Tensor | None) -> str:
+    if mask is None:
+        return MASK_NONE
+    if mask.dtype == torch.bool:
+        return MASK_KEY_PADDING if mask.shape[1] == 1 and mask.shape[2] == 1 else MASK_BOOL
+    return MASK_ADDITIVE
