@@ -182,8 +182,13 @@ def route(
     enable_gqa: bool,
     backend: str | Chain | None,
     module_chain: Chain | None,
+    site: str | None = None,
 ) -> torch.Tensor:
-    """:func:`dispatch_attention` for adapters: ``module_chain`` is the per-module selection, if any."""
+    """:func:`dispatch_attention` for adapters.
+
+    ``module_chain`` is the per-module selection, if any; ``site`` names the calling module for the report
+    (default: the site set by :func:`push_module`).
+    """
     if backend is not None:
         chain = resolve(backend)
     else:
@@ -199,7 +204,7 @@ def route(
     fast = chain.fast
     if fast is not None and not _observers:
         return fast.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    return _route_slow(chain, query, key, value, attn_mask, kind, dropout_p, is_causal, scale, enable_gqa)
+    return _route_slow(chain, query, key, value, attn_mask, kind, dropout_p, is_causal, scale, enable_gqa, site)
 
 
 def _route_slow(
@@ -213,6 +218,7 @@ def _route_slow(
     is_causal: bool,
     scale: float | None,
     enable_gqa: bool,
+    site: str | None,
 ) -> torch.Tensor:
     call = CallSpec.of(query, key, value, kind, dropout_p, is_causal, scale)
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -237,7 +243,7 @@ def _route_slow(
     out = chosen.fn(*args)
     if _observers and not call.compiling:
         record = CallRecord(
-            _local.site,
+            site or _local.site,
             chain.spec,
             chosen.name,
             refused,
