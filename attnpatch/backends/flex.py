@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from attnpatch import masks
 from attnpatch.registry import Backend, Capabilities, register
@@ -19,19 +20,18 @@ from attnpatch.registry import Backend, Capabilities, register
 
 @functools.cache
 def _compiled() -> Callable[..., Any]:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # static first; automatic dynamic shapes on the first new shape
 
 
-@functools.lru_cache(maxsize=64)
-def _causal_block_mask(seq_q: int, seq_kv: int, device: str) -> Any:
-    from torch.nn.attention.flex_attention import create_block_mask
+def _causal(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+    return q_idx >= kv_idx  # top-left aligned, like SDPA's is_causal
 
-    def causal(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        return q_idx >= kv_idx  # top-left aligned, like SDPA's is_causal
 
-    return create_block_mask(causal, None, None, seq_q, seq_kv, device=device)
+def _make_causal_block_mask(seq_q: int, seq_kv: int, device: str) -> Any:
+    return create_block_mask(_causal, None, None, seq_q, seq_kv, device=device)
+
+
+_causal_block_mask = functools.lru_cache(maxsize=64)(_make_causal_block_mask)
 
 
 def flex(
@@ -56,9 +56,13 @@ def flex(
         def score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
             return score + bias[b, h, q_idx, kv_idx]
 
-    elif is_causal:
-        block_mask = _causal_block_mask(seq_q, seq_kv, str(q.device))
-    out = _compiled()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != heads)
+    # Inside an outer torch.compile the caches below cannot be traced; the outer compile compiles flex anyway.
+    compiling = torch.compiler.is_compiling()
+    if attn_mask is None and is_causal:
+        make = _make_causal_block_mask if compiling else _causal_block_mask
+        block_mask = make(seq_q, seq_kv, str(q.device))
+    kernel = flex_attention if compiling else _compiled()
+    out = kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != heads)
     return masks.zero_fully_masked(out.transpose(1, 2), attn_mask)
 
 
