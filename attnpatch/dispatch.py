@@ -291,11 +291,11 @@ def auto_candidates(call: CallSpec) -> list[Backend]:
     for backend in registry.list_backends():
         if backend.caps.lossy and not _allow_lossy:
             continue
-        if backend.builtin and backend.caps.priority <= 0:
+        if backend.builtin and backend.caps.priority_for(call.device_type) <= 0:
             continue  # reference and placeholder backends are never picked automatically
         if not _reasons(backend, call):
             ranked.append(backend)
-    ranked.sort(key=lambda b: -b.caps.priority)
+    ranked.sort(key=lambda b: -b.caps.priority_for(call.device_type))
     return ranked
 
 

@@ -81,14 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(opts.threads)
     result = measure(batch, seq, heads, head_dim, opts.rounds, opts.calls)
     base = result["F.sdpa + layout transposes"]["min_us"]
-    print(f"per-call time, q/k/v {batch}x{seq}x{heads}x{head_dim} (B,S,H,D), {opts.threads} thread(s), "
-          f"min (median) over {opts.rounds} interleaved rounds of {opts.calls} calls")
+    print(
+        f"per-call time, q/k/v {batch}x{seq}x{heads}x{head_dim} (B,S,H,D), {opts.threads} thread(s), "
+        f"min (median) over {opts.rounds} interleaved rounds of {opts.calls} calls"
+    )
     width = max(len(n) for n in result)
     for name, r in result.items():
         print(f"  {name:<{width}}  {r['min_us']:7.2f} us ({r['median_us']:6.2f})  {r['min_us'] - base:+6.2f} us")
     print("last column: added over F.sdpa with the same layout transposes (target for attnpatch: < 1 us)")
     if opts.json:
         with open(opts.json, "w") as fh:
-            json.dump({"shape": [batch, seq, heads, head_dim], "threads": opts.threads, "results": result}, fh,
-                      indent=2)
+            json.dump(
+                {"shape": [batch, seq, heads, head_dim], "threads": opts.threads, "results": result}, fh, indent=2
+            )
     return 0

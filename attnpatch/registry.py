@@ -77,7 +77,8 @@ class Capabilities:
     scale: a custom softmax scale is honoured (not silently replaced by 1/sqrt(head_dim)).
     lossy: quantises inputs (int8/fp8); `auto` skips it unless lossy backends are allowed.
     compile_safe: runs under torch.compile(fullgraph=True) without a graph break.
-    priority: order for `auto` (higher is tried first) among backends that can serve a call.
+    priority: order for `auto` (higher is tried first) among backends that can serve a call; an int, or a
+        mapping device type -> int for kernels whose rank differs by device (missing device = 0 = never auto).
     """
 
     devices: frozenset[str] | None = None
@@ -99,8 +100,13 @@ class Capabilities:
     lossy: bool = False
     min_compute_capability: tuple[int, int] | None = None
     max_compute_capability: tuple[int, int] | None = None
-    priority: int = 0
+    priority: int | dict[str, int] = 0
     tolerance: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
+
+    def priority_for(self, device_type: str) -> int:
+        if isinstance(self.priority, dict):
+            return self.priority.get(device_type, 0)
+        return self.priority
 
     def tolerance_for(self, dtype: torch.dtype) -> tuple[float, float]:
         return self.tolerance.get(dtype) or DEFAULT_TOLERANCE.get(dtype, (3e-2, 3e-2))

@@ -59,7 +59,7 @@ def flex(
     # Inside an outer torch.compile the caches below cannot be traced; the outer compile compiles flex anyway.
     compiling = torch.compiler.is_compiling()
     if attn_mask is None and is_causal:
-        make = _make_causal_block_mask if compiling else _causal_block_mask
+        make: Callable[..., Any] = _make_causal_block_mask if compiling else _causal_block_mask
         block_mask = make(seq_q, seq_kv, str(q.device))
     kernel = flex_attention if compiling else _compiled()
     out = kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != heads)

@@ -99,7 +99,8 @@ register(
         family="native",
         # The CPU flash kernel takes masks, fp32/fp64 and any head dim but no dropout; the CUDA one (FA2
         # inside torch) takes fp16/bf16, head_dim <= 256 and no arbitrary mask.
-        caps=Capabilities(devices=frozenset({"cpu", "cuda"}), dropout=True, priority=40),
+        # On CPU `native` already picks this kernel when it can, so `auto` ranks it only on CUDA.
+        caps=Capabilities(devices=frozenset({"cpu", "cuda"}), priority={"cuda": 40}),
         check=lambda call: _flash_sdpa_reasons(call),
         builtin=True,
         description="SDPA pinned to its FlashAttention kernel (torch's bundled FA2 on CUDA, its own on CPU)",
