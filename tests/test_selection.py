@@ -12,7 +12,36 @@ import attnpatch
 from attnpatch import dispatch, registry
 from attnpatch.errors import AttnpatchWarning, CheckFailed, UnknownBackendError, UnsupportedCall
 
-SEED_NAMES = ["native", "flex", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math", "_native_npu", "_native_xla", "flash", "flash_varlen", "aiter", "_flash_3", "_flash_varlen_3", "_flash_3_hub", "sage", "sage_varlen", "_sage_qk_int8_pv_fp8_cuda", "_sage_qk_int8_pv_fp8_cuda_sm90", "_sage_qk_int8_pv_fp16_cuda", "_sage_qk_int8_pv_fp16_triton", "xformers", "flash_hub", "flash_varlen_hub", "flash_4_hub", "_flash_3_varlen_hub", "aiter_fa2_hub", "sage_hub", "sage_blackwell_hub"]
+SEED_NAMES = [
+    "native",
+    "flex",
+    "_native_cudnn",
+    "_native_efficient",
+    "_native_flash",
+    "_native_math",
+    "_native_npu",
+    "_native_xla",
+    "flash",
+    "flash_varlen",
+    "aiter",
+    "_flash_3",
+    "_flash_varlen_3",
+    "_flash_3_hub",
+    "sage",
+    "sage_varlen",
+    "_sage_qk_int8_pv_fp8_cuda",
+    "_sage_qk_int8_pv_fp8_cuda_sm90",
+    "_sage_qk_int8_pv_fp16_cuda",
+    "_sage_qk_int8_pv_fp16_triton",
+    "xformers",
+    "flash_hub",
+    "flash_varlen_hub",
+    "flash_4_hub",
+    "_flash_3_varlen_hub",
+    "aiter_fa2_hub",
+    "sage_hub",
+    "sage_blackwell_hub",
+]
 ALIASES = {"sdpa": "native", "math": "_native_math", "flash_attn": "flash", "sage_attn": "sage", "flex_attn": "flex"}
 
 
