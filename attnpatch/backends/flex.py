@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -61,7 +61,7 @@ def flex(
     if attn_mask is None and is_causal:
         make: Callable[..., Any] = _make_causal_block_mask if compiling else _causal_block_mask
         block_mask = make(seq_q, seq_kv, str(q.device))
-    kernel: Callable[..., Any] = flex_attention if compiling else _compiled()
+    kernel = cast(Callable[..., Any], flex_attention) if compiling else _compiled()
     out = kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != heads)
     return masks.zero_fully_masked(out.transpose(1, 2), attn_mask)
 
