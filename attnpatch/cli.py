@@ -21,6 +21,10 @@ SUBCOMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["bench"] and "--overhead" in args:
+        from attnpatch import overhead
+
+        return overhead.main([a for a in args[1:] if a != "--overhead"])
     if args and args[0] in SUBCOMMANDS:
         module, _, function = SUBCOMMANDS[args[0]].partition(":")
         return int(getattr(importlib.import_module(module), function)(args[1:]) or 0)
