@@ -1,0 +1,187 @@
+"""A scoped redirect of ``torch.nn.functional.scaled_dot_product_attention`` into the dispatcher.
+
+Legacy diffusers processors (and some transformers models) call ``F.scaled_dot_product_attention`` themselves,
+looking the name up on the ``torch.nn.functional`` module at every call. While a patcher holds this module
+(:func:`acquire`), that attribute is a thin function that calls the original SDPA unchanged, except inside a
+scope a patcher opened on this thread (:func:`enter` / :func:`leave`, a thread-local depth). Inside such a scope
+the call goes to :func:`attnpatch.dispatch.route` with the per-module selection the patcher pushed. The
+behaviour of SDPA calls anywhere else (other threads, other models, our own ``native`` backend) does not change.
+
+Layout: SDPA takes (batch, heads, seq, head_dim); the dispatcher (batch, seq, heads, head_dim). The redirect
+transposes at the edge, so the ``native`` backend sees exactly the tensors (same strides) the caller passed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnpatch import dispatch
+
+
+class _Local(threading.local):
+    # Class attributes are the per-thread defaults: reading them costs no fallback lookup.
+    depth: int = 0
+
+
+_local = _Local()
+_lock = threading.Lock()
+_users = 0
+# The function that was F.scaled_dot_product_attention when we replaced it (None while not installed).
+_original: Callable[..., torch.Tensor] | None = None
+
+
+def acquire() -> None:
+    """Install the redirect (reference-counted: each patcher that needs it acquires it once)."""
+    global _users, _original
+    with _lock:
+        if _users == 0:
+            _original = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = scaled_dot_product_attention
+        _users += 1
+
+
+def release() -> None:
+    """Undo one :func:`acquire`; the last one restores the original function object."""
+    global _users, _original
+    with _lock:
+        if _users == 0:
+            return
+        _users -= 1
+        if _users == 0:
+            # Restore only if nobody replaced it after us; otherwise leave their function in place.
+            if F.scaled_dot_product_attention is scaled_dot_product_attention and _original is not None:
+                F.scaled_dot_product_attention = _original
+            _original = None
+
+
+def installed() -> bool:
+    return _users > 0
+
+
+def enter() -> int:
+    """Open a redirect scope on this thread; pass the return value to :func:`leave`."""
+    local = _local
+    saved = local.depth
+    local.depth = saved + 1
+    return saved
+
+
+def leave(saved: int) -> None:
+    _local.depth = saved
+
+
+def route(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> torch.Tensor:
+    """:func:`attnpatch.dispatch.route` with the redirect suspended, (batch, seq, heads, head_dim) tensors.
+
+    Every patcher routes through here: the ``native`` backend calls F.scaled_dot_product_attention itself, and
+    that call must reach torch, not come back to the dispatcher.
+    """
+    local = _local
+    saved = local.depth
+    local.depth = 0
+    try:
+        return dispatch.route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, None, None)
+    finally:
+        local.depth = saved
+
+
+def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Stands in for F.scaled_dot_product_attention while installed; see the module docstring."""
+    if _local.depth == 0 or _original is None:
+        return (_original or torch._C._nn.scaled_dot_product_attention)(*args, **kwargs)
+    return _redirect(*args, **kwargs)
+
+
+scaled_dot_product_attention.__doc__ = F.scaled_dot_product_attention.__doc__
+
+
+def _redirect(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    # q: (batch, heads, seq_q, head_dim); k, v: (batch, heads_kv, seq_kv, head_dim). A call we cannot express in
+    # the dispatcher's terms goes to the original SDPA, unchanged, and is counted.
+    mask = None
+    reason = passthrough_reason(query, key, value, enable_gqa)
+    if reason is None and attn_mask is not None:
+        mask, reason = sdpa_mask(attn_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    if reason is not None:
+        if not torch.compiler.is_compiling():
+            dispatch.note_passthrough(dispatch._local.site, reason)
+        assert _original is not None
+        return _original(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+    out = route(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+    )
+    return out.transpose(1, 2)
+
+
+def passthrough_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> str | None:
+    """Why an SDPA-layout call (batch, heads, seq, head_dim) must go to the original SDPA, or None to route it."""
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return f"F.scaled_dot_product_attention with {query.dim()}-D query (only 4-D batch, heads, seq, dim is routed)"
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        # SDPA raises here while the dispatcher would serve it: keep the caller's error.
+        return f"{query.shape[1]} query heads with {key.shape[1]} key heads and enable_gqa=False"
+    return None
+
+
+def sdpa_mask(
+    attn_mask: Any, batch: int, heads: int, seq_q: int, seq_kv: int
+) -> tuple[torch.Tensor | None, str | None]:
+    """``attn_mask`` as SDPA reads it, made 4-D (batch|1, heads|1, seq_q|1, seq_kv), or a reason not to route.
+
+    SDPA broadcasts a mask from the right, so (seq_q, seq_kv) and (heads, seq_q, seq_kv) are valid SDPA masks;
+    the dispatcher reads a 2-D mask as key padding and a 3-D one as (batch, seq_q, seq_kv). Making the mask 4-D
+    in SDPA's sense first keeps its meaning.
+    """
+    if not isinstance(attn_mask, torch.Tensor):
+        name = type(attn_mask).__name__
+        return None, "attn_mask is a flex BlockMask" if name == "BlockMask" else f"attn_mask of type {name}"
+    if attn_mask.dim() > 4:
+        return None, f"attn_mask with {attn_mask.dim()} dims"
+    if attn_mask.dim() < 4:
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    b, h, q, k = attn_mask.shape
+    if b not in (1, batch) or h not in (1, heads) or q not in (1, seq_q) or k != seq_kv:
+        return None, (
+            f"attn_mask of shape {tuple(attn_mask.shape)} that does not broadcast to (batch={batch}, "
+            f"heads={heads}, seq_q={seq_q}, seq_kv={seq_kv}) per key"
+        )
+    return attn_mask, None

@@ -1,0 +1,502 @@
+"""Tiny diffusers models built from config (no download), with inputs, for tests and scripts/compat_table.py.
+
+Each family builds in well under a second on a CPU and runs a forward in milliseconds. Configs follow
+shared/DESIGN.md and diffusers' own model tests. A family whose class the installed diffusers lacks (or cannot
+build with these arguments) is reported as missing with the reason, never as a failure of attnpatch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    class_name: str
+    config: dict[str, Any]
+    inputs: Callable[[torch.Generator], dict[str, Any]]
+    # How the model's output tensor is read from what forward returns.
+    output: Callable[[Any], torch.Tensor] = lambda out: out.sample
+
+
+def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=g)
+
+
+def _unet_inputs(g: torch.Generator) -> dict[str, Any]:
+    return {
+        "sample": _randn(g, 2, 4, 16, 16),
+        "timestep": torch.tensor([10, 20]),
+        "encoder_hidden_states": _randn(g, 2, 7, 32),
+    }
+
+
+def _vae_inputs(g: torch.Generator) -> dict[str, Any]:
+    return {"sample": _randn(g, 1, 3, 32, 32), "sample_posterior": False}
+
+
+def _sd3_inputs(g: torch.Generator) -> dict[str, Any]:
+    return {
+        "hidden_states": _randn(g, 2, 4, 16, 16),
+        "encoder_hidden_states": _randn(g, 2, 6, 32),
+        "pooled_projections": _randn(g, 2, 64),
+        "timestep": torch.tensor([10, 20]),
+    }
+
+
+def _flux_inputs(g: torch.Generator) -> dict[str, Any]:
+    import diffusers
+
+    img_ids, txt_ids = torch.rand(16, 3, generator=g), torch.zeros(8, 3)
+    if _version(diffusers.__version__) < (0, 31):  # position ids were (batch, seq, 3) before 0.31
+        img_ids, txt_ids = img_ids[None], txt_ids[None]
+    return {
+        "hidden_states": _randn(g, 1, 16, 16),
+        "encoder_hidden_states": _randn(g, 1, 8, 32),
+        "pooled_projections": _randn(g, 1, 32),
+        "timestep": torch.tensor([1.0]),
+        "img_ids": img_ids,
+        "txt_ids": txt_ids,
+    }
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+
+
+def _qwen_inputs(g: torch.Generator) -> dict[str, Any]:
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 5:] = 0  # a padded prompt: the text mask must reach the backend
+    return {
+        "hidden_states": _randn(g, 2, 16, 16),
+        "encoder_hidden_states": _randn(g, 2, 7, 16),
+        "encoder_hidden_states_mask": mask,
+        "timestep": torch.tensor([0.5, 0.7]),
+        "img_shapes": [(1, 4, 4)] * 2,
+        "txt_seq_lens": [7, 7],  # diffusers < 0.41 only: dropped below where forward does not take it
+    }
+
+
+def _wan_inputs(g: torch.Generator) -> dict[str, Any]:
+    return {
+        "hidden_states": _randn(g, 1, 4, 2, 8, 8),
+        "encoder_hidden_states": _randn(g, 1, 6, 16),
+        "timestep": torch.tensor([10]),
+    }
+
+
+def _hunyuan_video_inputs(g: torch.Generator) -> dict[str, Any]:
+    mask = torch.ones(2, 6)
+    mask[1, 4:] = 0
+    return {
+        "hidden_states": _randn(g, 2, 4, 1, 8, 8),
+        "timestep": torch.tensor([10.0, 30.0]),
+        "encoder_hidden_states": _randn(g, 2, 6, 16),
+        "pooled_projections": _randn(g, 2, 8),
+        "encoder_attention_mask": mask,
+        "guidance": torch.tensor([3.0, 3.0]),
+    }
+
+
+def _ltx_inputs(g: torch.Generator) -> dict[str, Any]:
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    return {
+        "hidden_states": _randn(g, 2, 2 * 4 * 4, 4),
+        "encoder_hidden_states": _randn(g, 2, 6, 16),
+        "timestep": torch.tensor([10, 20]),
+        "encoder_attention_mask": mask,
+        "num_frames": 2,
+        "height": 4,
+        "width": 4,
+    }
+
+
+def _cogvideox_inputs(g: torch.Generator) -> dict[str, Any]:
+    return {
+        "hidden_states": _randn(g, 2, 1, 4, 8, 8),
+        "encoder_hidden_states": _randn(g, 2, 8, 8),
+        "timestep": torch.tensor([10, 20]),
+    }
+
+
+def _auraflow_inputs(g: torch.Generator) -> dict[str, Any]:
+    return {
+        "hidden_states": _randn(g, 1, 4, 16, 16),
+        "encoder_hidden_states": _randn(g, 1, 8, 32),
+        "timestep": torch.tensor([10]),
+    }
+
+
+def _pixart_inputs(g: torch.Generator) -> dict[str, Any]:
+    mask = torch.ones(2, 8)
+    mask[1, 6:] = 0
+    return {
+        "hidden_states": _randn(g, 2, 4, 8, 8),
+        "timestep": torch.tensor([10, 20]),
+        "encoder_hidden_states": _randn(g, 2, 8, 8),
+        "encoder_attention_mask": mask,
+        "added_cond_kwargs": {"aspect_ratio": None, "resolution": None},
+    }
+
+
+def _sana_inputs(g: torch.Generator) -> dict[str, Any]:
+    return {
+        "hidden_states": _randn(g, 2, 4, 8, 8),
+        "encoder_hidden_states": _randn(g, 2, 8, 8),
+        "timestep": torch.tensor([10, 20]),
+    }
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "unet",
+            "UNet2DConditionModel",
+            {
+                "sample_size": 16,
+                "in_channels": 4,
+                "out_channels": 4,
+                "layers_per_block": 1,
+                "block_out_channels": (32, 64),
+                "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+                "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+                "cross_attention_dim": 32,
+                "attention_head_dim": 8,
+                "norm_num_groups": 32,
+            },
+            _unet_inputs,
+        ),
+        Family(
+            "vae",
+            "AutoencoderKL",
+            {
+                "in_channels": 3,
+                "out_channels": 3,
+                "latent_channels": 4,
+                "block_out_channels": (32, 64),
+                "down_block_types": ("DownEncoderBlock2D",) * 2,
+                "up_block_types": ("UpDecoderBlock2D",) * 2,
+                "layers_per_block": 1,
+                "norm_num_groups": 32,
+                "sample_size": 32,
+            },
+            _vae_inputs,
+        ),
+        Family(
+            "sd3",
+            "SD3Transformer2DModel",
+            {
+                "sample_size": 16,
+                "patch_size": 2,
+                "in_channels": 4,
+                "out_channels": 4,
+                "num_layers": 2,
+                "attention_head_dim": 8,
+                "num_attention_heads": 4,
+                "joint_attention_dim": 32,
+                "caption_projection_dim": 32,
+                "pooled_projection_dim": 64,
+                "pos_embed_max_size": 16,
+            },
+            _sd3_inputs,
+        ),
+        Family(
+            "flux",
+            "FluxTransformer2DModel",
+            {
+                "patch_size": 1,
+                "in_channels": 16,
+                "num_layers": 1,
+                "num_single_layers": 1,
+                "attention_head_dim": 16,
+                "num_attention_heads": 2,
+                "joint_attention_dim": 32,
+                "pooled_projection_dim": 32,
+                "axes_dims_rope": (4, 4, 8),
+            },
+            _flux_inputs,
+        ),
+        Family(
+            "qwenimage",
+            "QwenImageTransformer2DModel",
+            {
+                "patch_size": 2,
+                "in_channels": 16,
+                "out_channels": 4,
+                "num_layers": 2,
+                "attention_head_dim": 16,
+                "num_attention_heads": 2,
+                "joint_attention_dim": 16,
+                "axes_dims_rope": (8, 4, 4),
+            },
+            _qwen_inputs,
+        ),
+        Family(
+            "wan",
+            "WanTransformer3DModel",
+            {
+                "patch_size": (1, 2, 2),
+                "num_attention_heads": 2,
+                "attention_head_dim": 12,
+                "in_channels": 4,
+                "out_channels": 4,
+                "text_dim": 16,
+                "freq_dim": 256,
+                "ffn_dim": 32,
+                "num_layers": 2,
+                "cross_attn_norm": True,
+                "qk_norm": "rms_norm_across_heads",
+                "rope_max_seq_len": 32,
+            },
+            _wan_inputs,
+        ),
+        Family(
+            "hunyuanvideo",
+            "HunyuanVideoTransformer3DModel",
+            {
+                "in_channels": 4,
+                "out_channels": 4,
+                "num_attention_heads": 2,
+                "attention_head_dim": 10,
+                "num_layers": 1,
+                "num_single_layers": 1,
+                "num_refiner_layers": 1,
+                "patch_size": 1,
+                "patch_size_t": 1,
+                "guidance_embeds": True,
+                "text_embed_dim": 16,
+                "pooled_projection_dim": 8,
+                "rope_axes_dim": (2, 4, 4),
+            },
+            _hunyuan_video_inputs,
+        ),
+        Family(
+            "ltx",
+            "LTXVideoTransformer3DModel",
+            {
+                "in_channels": 4,
+                "out_channels": 4,
+                "num_attention_heads": 2,
+                "attention_head_dim": 8,
+                "cross_attention_dim": 16,
+                "num_layers": 1,
+                "qk_norm": "rms_norm_across_heads",
+                "caption_channels": 16,
+            },
+            _ltx_inputs,
+        ),
+        Family(
+            "cogvideox",
+            "CogVideoXTransformer3DModel",
+            {
+                "num_attention_heads": 2,
+                "attention_head_dim": 8,
+                "in_channels": 4,
+                "out_channels": 4,
+                "time_embed_dim": 2,
+                "text_embed_dim": 8,
+                "num_layers": 1,
+                "sample_width": 8,
+                "sample_height": 8,
+                "sample_frames": 8,
+                "patch_size": 2,
+                "temporal_compression_ratio": 4,
+                "max_text_seq_length": 8,
+            },
+            _cogvideox_inputs,
+        ),
+        Family(
+            "auraflow",
+            "AuraFlowTransformer2DModel",
+            {
+                "sample_size": 16,
+                "patch_size": 2,
+                "in_channels": 4,
+                "num_mmdit_layers": 1,
+                "num_single_dit_layers": 1,
+                "attention_head_dim": 8,
+                "num_attention_heads": 4,
+                "caption_projection_dim": 32,
+                "joint_attention_dim": 32,
+                "out_channels": 4,
+                "pos_embed_max_size": 64,
+            },
+            _auraflow_inputs,
+        ),
+        Family(
+            "pixart",
+            "PixArtTransformer2DModel",
+            {
+                "sample_size": 8,
+                "num_layers": 1,
+                "patch_size": 2,
+                "attention_head_dim": 4,
+                "num_attention_heads": 2,
+                "in_channels": 4,
+                "cross_attention_dim": 8,
+                "out_channels": 8,
+                "attention_bias": True,
+                "activation_fn": "gelu-approximate",
+                "num_embeds_ada_norm": 8,
+                "norm_type": "ada_norm_single",
+                "norm_elementwise_affine": False,
+                "norm_eps": 1e-6,
+                "use_additional_conditions": False,
+                "caption_channels": None,
+            },
+            _pixart_inputs,
+        ),
+        Family(
+            "sana",
+            "SanaTransformer2DModel",
+            {
+                "patch_size": 1,
+                "in_channels": 4,
+                "out_channels": 4,
+                "num_layers": 1,
+                "attention_head_dim": 4,
+                "num_attention_heads": 2,
+                "num_cross_attention_heads": 2,
+                "cross_attention_head_dim": 4,
+                "cross_attention_dim": 8,
+                "caption_channels": 8,
+                "sample_size": 8,
+            },
+            _sana_inputs,
+        ),
+    )
+}
+
+
+def missing_reason(family: Family) -> str | None:
+    """Why the installed diffusers cannot build ``family`` (None when it can)."""
+    import diffusers
+
+    if not hasattr(diffusers, family.class_name):
+        return f"diffusers {diffusers.__version__} has no {family.class_name}"
+    return None
+
+
+def build(family: Family, seed: int = 0) -> torch.nn.Module:
+    """The tiny model, in eval mode, with weights drawn from ``seed``."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    model = getattr(diffusers, family.class_name)(**family.config)
+    return model.eval()
+
+
+def inputs(family: Family, seed: int = 0, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Fixed inputs; with ``model``, only those its forward takes (arguments come and go across versions)."""
+    values = family.inputs(torch.Generator().manual_seed(seed))
+    if model is not None:
+        parameters = inspect.signature(model.forward).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            values = {k: v for k, v in values.items() if k in parameters}
+    return values
+
+
+def run(family: Family, model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    """One forward pass on fixed inputs (no grad); returns the output tensor."""
+    with torch.no_grad():
+        return family.output(model(**inputs(family, seed, model)))
+
+
+# --- full tiny pipelines (text encoders from tests/transformers_models.py) ---------------------------------------
+
+
+def t5_tokenizer() -> Any:
+    """An offline T5 tokenizer: pad, eos, unk, the word boundary and the lowercase letters."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in string.ascii_lowercase]
+    return T5Tokenizer(vocab=vocab)
+
+
+def stable_diffusion_pipeline() -> Any:
+    """StableDiffusionPipeline: UNet (8 attention layers), VAE (2), CLIP text encoder (2 layers)."""
+    import transformers_models as tm
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    unet_config = dict(FAMILIES["unet"].config, cross_attention_dim=64)  # the CLIP hidden size
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_config)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**FAMILIES["vae"].config)
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=tm.clip_text(),
+        tokenizer=tm.clip_tokenizer(),
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_pipeline() -> Any:
+    """FluxPipeline: transformer (2 attention layers), VAE (1), CLIP and T5 text encoders."""
+    import transformers_models as tm
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    transformer_config = dict(
+        FAMILIES["flux"].config, in_channels=4, joint_attention_dim=64, pooled_projection_dim=64
+    )  # latents of a 1-channel VAE packed 2x2; T5 d_model and CLIP hidden size 64
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(**transformer_config)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=tm.clip_text(),
+        text_encoder_2=tm.t5_encoder(),
+        tokenizer=tm.clip_tokenizer(),
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
+        vae=vae,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipeline(pipe: Any) -> torch.Tensor:
+    """Two denoising steps on a fixed prompt and seed; returns the image tensor (batch, 3, H, W)."""
+    from diffusers import FluxPipeline
+
+    kwargs: dict[str, Any] = {"height": 32, "width": 32}
+    if isinstance(pipe, FluxPipeline):
+        kwargs = {"height": 8, "width": 8, "max_sequence_length": 16}
+    with torch.no_grad():
+        return pipe(
+            "a cat",
+            num_inference_steps=2,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        ).images
