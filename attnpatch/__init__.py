@@ -24,6 +24,12 @@ _EXPORTS = {
     "list_backends": "attnpatch.registry",
     "register_backend": "attnpatch.registry",
     "unregister_backend": "attnpatch.registry",
+    "apply": "attnpatch.api",
+    "install": "attnpatch.api",
+    "reset_attention_backend": "attnpatch.api",
+    "set_attention_backend": "attnpatch.api",
+    "unapply": "attnpatch.api",
+    "uninstall": "attnpatch.api",
     "attention_backend": "attnpatch.dispatch",
     "current_backend": "attnpatch.dispatch",
     "dispatch_attention": "attnpatch.dispatch",
@@ -52,6 +58,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from attnpatch.api import apply, install, reset_attention_backend, set_attention_backend, unapply, uninstall
     from attnpatch.dispatch import (
         attention_backend,
         current_backend,
