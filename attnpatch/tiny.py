@@ -137,7 +137,7 @@ def vae(seed: int = 0, **config: Any) -> Any:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    model: Any = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -148,7 +148,8 @@ def vae(seed: int = 0, **config: Any) -> Any:
         norm_num_groups=32,
         sample_size=32,
         **config,
-    ).eval()
+    )
+    return model.eval()
 
 
 def unet(seed: int = 0) -> Any:
@@ -156,7 +157,7 @@ def unet(seed: int = 0) -> Any:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    model: Any = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -167,14 +168,15 @@ def unet(seed: int = 0) -> Any:
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=32,
-    ).eval()
+    )
+    return model.eval()
 
 
 def flux_transformer(seed: int = 0) -> Any:
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(
+    model: Any = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
         num_layers=1,
@@ -184,7 +186,8 @@ def flux_transformer(seed: int = 0) -> Any:
         joint_attention_dim=32,
         pooled_projection_dim=32,
         axes_dims_rope=(4, 4, 8),
-    ).eval()
+    )
+    return model.eval()
 
 
 def stable_diffusion_pipeline(seed: int = 0) -> Any:
@@ -192,7 +195,7 @@ def stable_diffusion_pipeline(seed: int = 0) -> Any:
     with _quiet():
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline(
+        pipe: Any = StableDiffusionPipeline(
             vae=vae(seed),
             text_encoder=clip_text_model(seed),
             tokenizer=clip_tokenizer(),
@@ -211,7 +214,7 @@ def flux_pipeline(seed: int = 0) -> Any:
     with _quiet():
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-        pipe = FluxPipeline(
+        pipe: Any = FluxPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(),
             # Flux un-normalises latents with a shift as well as a scale.
             vae=vae(seed, shift_factor=0.0609, scaling_factor=1.5035),

@@ -1,0 +1,300 @@
+"""Autotune for ``auto``: time the backends that can serve a call, keep the fastest, remember it on disk.
+
+Turn it on with ``python -m attnpatch script.py --backend auto --autotune``, ``ATTNPATCH_AUTOTUNE=1`` or
+``attnpatch.autotune.enable()``. Without it, ``auto`` takes the first candidate in the priority order the
+backends declare.
+
+What is tuned: the first call of each *kind* picks among :func:`attnpatch.dispatch.auto_candidates` (available,
+able to serve the call, not lossy unless allowed). A kind is (device, dtype, shape bucket, mask kind, causal,
+dropout, grad) where the shape bucket keeps batch, heads, head dims and rounds each sequence length up to a power
+of two. Each candidate runs on the call's own tensors once to warm up (compiled kernels compile here), then is
+timed in interleaved rounds (CUDA events on a GPU) until 25 ms or 10 rounds, at least 3, and the fastest
+run of each decides. Timing runs use
+``torch.no_grad`` and leave the random number generators as they were. A candidate that raises is skipped and
+the error shown. One line per tuned kind goes to stderr, so a long first step shows progress.
+
+The cache: in memory, and on disk in ``$ATTNPATCH_CACHE_DIR`` or the user cache dir (``~/.cache/attnpatch``,
+``~/Library/Caches/attnpatch``, ``%LOCALAPPDATA%\\attnpatch\\Cache``), one file per (attnpatch version, torch
+version, device) named ``autotune-<hash>.json``. A file is rewritten after each tuned kind, so Ctrl-C keeps what
+was measured. ``python -m attnpatch cache show`` lists it; ``python -m attnpatch cache clear`` deletes it.
+
+Cache file schema ``attnpatch.autotune/1``::
+
+    {"schema": "attnpatch.autotune/1",
+     "env": {"attnpatch": "0.1.0", "torch": "2.13.0", "device": "NVIDIA H100 80GB HBM3 (sm90, CUDA 12.8)"},
+     "entries": {"<kind>": {"backend": "flash", "times_ms": {"flash": 1.21, "native": 1.50},
+                            "errors": {"flex": "RuntimeError: ..."}}}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnpatch import dispatch, env, registry
+from attnpatch.registry import Backend, CallSpec
+
+SCHEMA = "attnpatch.autotune/1"
+_WARMUP = 1
+_MIN_RUNS, _MAX_RUNS, _BUDGET_S = 3, 10, 0.025
+
+_lock = threading.RLock()
+_memory: dict[str, dict[str, Any]] = {}  # kind -> entry (what was tuned or loaded this process)
+_loaded: set[Path] = set()
+_enabled = False
+_use_disk = True
+_progress = True
+
+
+def enable(*, disk: bool = True, progress: bool = True) -> None:
+    """Let ``auto`` time its candidates per call kind (see the module docstring). Idempotent.
+
+    disk: read and write the on-disk cache (off: tune in memory only).
+    progress: print one line per tuned kind to stderr.
+    """
+    global _enabled, _use_disk, _progress
+    _use_disk, _progress = disk, progress
+    dispatch._auto_chooser = choose
+    _enabled = True
+
+
+def disable() -> None:
+    """``auto`` goes back to the priority order; the in-memory cache is dropped (the disk cache stays)."""
+    global _enabled
+    if dispatch._auto_chooser is choose:
+        dispatch._auto_chooser = None
+    _enabled = False
+    with _lock:
+        _memory.clear()
+        _loaded.clear()
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def cache_dir() -> Path:
+    """``$ATTNPATCH_CACHE_DIR``, else the platform's user cache dir + ``attnpatch``."""
+    configured = env.raw("ATTNPATCH_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+        return base / "attnpatch" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "attnpatch"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnpatch"
+
+
+def device_description(device: torch.device) -> str:
+    """What makes timings on ``device`` comparable: GPU name, compute capability and CUDA, or CPU and threads."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"{torch.cuda.get_device_name(index)} (sm{major}{minor}, CUDA {torch.version.cuda})"
+    if device.type == "cpu":
+        cpu = platform.processor() or platform.machine()
+        return f"cpu {cpu} ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    from attnpatch import __version__
+
+    return {"attnpatch": __version__, "torch": torch.__version__, "device": device_description(device)}
+
+
+def cache_file(device: torch.device) -> Path:
+    digest = hashlib.sha1(json.dumps(environment(device), sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / f"autotune-{digest}.json"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def kind_of(call: CallSpec, batch: int) -> str:
+    """The cache key of a call: device, dtype, shape bucket, mask kind and flags (CallSpec has no batch size)."""
+    return (
+        f"{call.device_type} {registry.dtype_name(call.dtype)} b{_pow2(batch)} h{call.heads_q}/{call.heads_kv}"
+        f" d{call.head_dim}/{call.head_dim_v} s{_pow2(call.seq_q)}x{_pow2(call.seq_kv)} mask={call.mask_kind}"
+        + (" causal" if call.is_causal else "")
+        + (" dropout" if call.dropout else "")
+        + (" grad" if call.needs_grad else "")
+    )
+
+
+def choose(call: CallSpec, candidates: list[Backend], args: tuple[Any, ...]) -> Backend:
+    """The dispatcher's ``_auto_chooser``: the cached or freshly timed fastest of ``candidates``."""
+    query = args[0]
+    kind = kind_of(call, query.shape[0])
+    names = [b.name for b in candidates]
+    with _lock:
+        entry = _lookup(kind, query.device)
+        if entry is None or entry.get("backend") not in names:
+            entry = _tune(kind, candidates, args)
+    chosen = entry.get("backend")
+    for backend in candidates:
+        if backend.name == chosen:
+            return backend
+    return candidates[0]
+
+
+def _lookup(kind: str, device: torch.device) -> dict[str, Any] | None:
+    entry = _memory.get(kind)
+    if entry is not None or not _use_disk:
+        return entry
+    path = cache_file(device)
+    if path not in _loaded:
+        _loaded.add(path)
+        _memory.update(_read(path).get("entries", {}))
+    return _memory.get(kind)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        _say(f"attnpatch autotune: ignoring unreadable cache {path} ({exc}); it will be rewritten")
+        return {}
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("entries"), dict):
+        return {}
+    return data
+
+
+def _tune(kind: str, candidates: list[Backend], args: tuple[Any, ...]) -> dict[str, Any]:
+    query = args[0]
+    _say(f"attnpatch autotune: timing {len(candidates)} backends for {kind} ...", end="")
+    devices = [query.device] if query.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        times, errors = time_backends(candidates, args)
+    best = min(times, key=times.__getitem__) if times else candidates[0].name
+    entry = {"backend": best, "times_ms": {n: round(t * 1e3, 4) for n, t in times.items()}, "errors": errors}
+    _memory[kind] = entry
+    ranking = ", ".join(f"{n} {t * 1e3:.3g} ms" for n, t in sorted(times.items(), key=lambda item: item[1]))
+    failed = "".join(f"; {n} failed ({e})" for n, e in errors.items())
+    where = ""
+    if _use_disk:
+        path = _save(query.device, kind, entry)
+        where = f" (cached in {path})" if path else ""
+    _say(f" {ranking}{failed} -> {best}{where}")
+    return entry
+
+
+def time_backends(backends: list[Backend], args: tuple[Any, ...]) -> tuple[dict[str, float], dict[str, str]]:
+    """({name: seconds}, {name: error}): fastest run of each backend on ``args`` after one warm-up run.
+
+    Rounds interleave the backends (each runs once per round) until 3 rounds and 25 ms or 10 rounds have passed,
+    and the minimum per backend is kept: on a busy machine a single run can stall for a scheduler tick, and
+    interleaving spreads slow phases over every backend alike. CUDA events time GPU runs.
+    """
+    fns = {}
+    errors: dict[str, str] = {}
+    for backend in backends:
+        fn = inspect.unwrap(backend.fn)
+        try:
+            for _ in range(_WARMUP):
+                fn(*args)
+        except Exception as exc:  # a candidate that fails is skipped, never the user's call
+            errors[backend.name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        else:
+            fns[backend.name] = fn
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    rounds, spent = 0, 0.0
+    while fns and (rounds < _MIN_RUNS or (rounds < _MAX_RUNS and spent < _BUDGET_S)):
+        for name, fn in fns.items():
+            seconds = _time_once(fn, args)
+            samples[name].append(seconds)
+            spent += seconds
+        rounds += 1
+    return {name: min(times) for name, times in samples.items()}, errors
+
+
+def _time_once(fn: Any, args: tuple[Any, ...]) -> float:
+    if args[0].is_cuda:
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        stop.record()
+        stop.synchronize()
+        return float(start.elapsed_time(stop)) / 1e3
+    began = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - began
+
+
+def _save(device: torch.device, kind: str, entry: dict[str, Any]) -> Path | None:
+    # Merge with what another process may have written meanwhile, then replace the file atomically.
+    path = cache_file(device)
+    data = _read(path)
+    entries = data.get("entries", {}) if data else {}
+    entries[kind] = entry
+    payload = {"schema": SCHEMA, "env": environment(device), "entries": entries}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        _say(
+            f"\nattnpatch autotune: cannot write the cache {path} ({exc}); set ATTNPATCH_CACHE_DIR to a writable folder"
+        )
+        return None
+    return path
+
+
+def _say(text: str, end: str = "\n") -> None:
+    if _progress:
+        print(text, end=end, file=sys.stderr, flush=True)
+
+
+def cache_main(argv: Sequence[str]) -> int:
+    """``python -m attnpatch cache show|clear|dir``: look at or delete the autotune cache."""
+    parser = argparse.ArgumentParser(
+        prog="python -m attnpatch cache",
+        description="Show or clear the autotune cache (" + "ATTNPATCH_CACHE_DIR overrides its folder).",
+    )
+    parser.add_argument("action", choices=["show", "clear", "dir"], help="show entries, delete them, print the folder")
+    parser.add_argument("--json", action="store_true", help="show: print the cache files as JSON")
+    opts = parser.parse_args(list(argv))
+    folder = cache_dir()
+    files = sorted(folder.glob("autotune-*.json")) if folder.is_dir() else []
+    if opts.action == "dir":
+        print(folder)
+        return 0
+    if opts.action == "clear":
+        for path in files:
+            path.unlink(missing_ok=True)
+        print(f"removed {len(files)} autotune cache file{'s' * (len(files) != 1)} from {folder}")
+        return 0
+    contents = {str(path): _read(path) for path in files}
+    if opts.json:
+        print(json.dumps(contents, indent=2))
+        return 0
+    if not files:
+        print(f"autotune cache is empty ({folder})")
+        return 0
+    for name, data in contents.items():
+        versions = data.get("env", {})
+        entries = data.get("entries", {})
+        print(name)
+        print(f"  attnpatch {versions.get('attnpatch')}, torch {versions.get('torch')}, {versions.get('device')}")
+        width = max((len(k) for k in entries), default=0)
+        for kind, entry in sorted(entries.items()):
+            times = ", ".join(f"{n} {t:g} ms" for n, t in sorted(entry.get("times_ms", {}).items(), key=lambda i: i[1]))
+            print(f"  {kind:<{width}}  -> {entry.get('backend')}  ({times})")
+    return 0

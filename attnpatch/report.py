@@ -1,0 +1,465 @@
+"""The routing report: what ran where, what fell back and why, what passed through untouched.
+
+Turn it on with ``python -m attnpatch script.py --report[=PATH]``, ``ATTNPATCH_REPORT=1|PATH`` or
+``attnpatch.report.enable(PATH)``. At exit a table goes to stderr; a PATH ending in ``.json`` also gets the JSON
+below, any other PATH gets the table. When the report is off no observer is registered and the dispatcher keeps
+its fast path: the report costs nothing. While it is on every routed call passes one observer (about a
+microsecond); calls traced by ``torch.compile`` are not observed (the dispatcher skips observers while compiling).
+
+A *site* is the attention layer's module path, e.g. ``transformer.transformer_blocks.0.attn`` (set by the
+patchers); calls of :func:`attnpatch.dispatch_attention` outside a patched model are the site ``<direct>``.
+The table groups sites whose paths differ only in layer numbers (``transformer_blocks.*.attn``); the JSON keeps
+every site.
+
+JSON schema ``attnpatch.report/1`` (every key always present; ``null`` where not measured)::
+
+    {
+      "schema": "attnpatch.report/1",
+      "attnpatch": "0.1.0", "torch": "2.13.0",
+      "started": "2026-01-01T12:00:00+00:00",   # ISO 8601, when the report was enabled
+      "wall_seconds": 12.3,                      # from enable() to the snapshot
+      "timed": false,                            # true when per-call time was measured (enable(timing=True))
+      "totals": {"calls": 1234,                  # routed calls observed
+                 "fallback_calls": 0,            # calls that a backend of the chain refused
+                 "passthrough_calls": 4,         # calls handed to the library's own code untouched
+                 "attention_seconds": null},     # sum of timed calls
+      "sites": [{
+        "site": "transformer.transformer_blocks.0.attn",
+        "calls": 28,
+        "fallback_calls": 28,                    # calls some backend of the chain refused (see "fallbacks")
+        "requested": {"sage,native": 28},        # selection (chain spec) -> calls
+        "served": {"native": 28},                # backend that ran -> calls
+        "fallbacks": [{"backend": "sage", "reason": "needs a CUDA GPU ...", "served_by": "native", "calls": 28}],
+        "shapes": [{"query": [2, 4096, 24, 128], "key": [2, 4096, 24, 128], "mask": "none", "causal": false,
+                    "calls": 28}],               # query/key in (batch, seq, heads, head_dim); mask kind after
+                                                 # normalisation: none, key_padding, bool, additive
+        "dtypes": {"bfloat16": 28},
+        "passthrough": [{"reason": "return_lse requested", "calls": 2}],
+        "seconds": null, "time_share": null,     # time in attention; share of all timed attention time
+        "verify": null                           # with verify on: {"checked", "failed", "max_abs", "max_rel",
+                                                 #   "worst", "atol", "rtol", "action"} (see attnpatch.verify)
+      }, ...]                                    # in the order the sites were first seen
+    }
+
+See docs/report.md for a worked example.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import json
+import os
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from attnpatch import dispatch, masks, registry
+from attnpatch.errors import AttnpatchError
+
+SCHEMA = "attnpatch.report/1"
+DIRECT = "<direct>"
+
+# A path value that only means "on" (ATTNPATCH_REPORT=1): print the table, write no file.
+_ON_WORDS = frozenset({"1", "true", "yes", "on"})
+
+
+@dataclass
+class _Site:
+    calls: int = 0
+    fallback_calls: int = 0
+    requested: Counter[str] = field(default_factory=Counter)
+    served: Counter[str] = field(default_factory=Counter)
+    fallbacks: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (backend, reason, served_by)
+    shapes: Counter[tuple[tuple[int, ...], tuple[int, ...], str, bool]] = field(default_factory=Counter)
+    dtypes: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+
+class _State:
+    def __init__(self, path: Path | None, timing: bool, stream: TextIO | None) -> None:
+        self.path = path
+        self.timing = timing
+        self.stream = stream
+        self.sites: dict[str, _Site] = {}
+        self.lock = threading.Lock()
+        self.started = datetime.datetime.now(datetime.timezone.utc)
+        self.started_clock = time.perf_counter()
+        self.passthrough_base = dispatch.passthrough_counts()
+
+
+_state: _State | None = None
+_atexit_registered = False
+# Backend functions wrapped for timing: backend -> original fn, restored by disable().
+_timed: dict[registry.Backend, Callable[..., torch.Tensor]] = {}
+_elapsed = threading.local()
+_listening = False
+
+
+def enable(path: str | os.PathLike[str] | None = None, *, timing: bool = False, stream: TextIO | None = None) -> None:
+    """Collect a report of every routed call from now on and print it at exit.
+
+    path: None (or "1") prints the table only; ``*.json`` also writes the JSON schema above; any other path
+        gets the text table. Checked here, so a path that cannot be written fails now, not after the run.
+    timing: also measure the time of each attention call (synchronises the GPU around each call, which slows
+        the run a little) and show each site's share of attention time.
+    stream: where the table is printed at exit (default: stderr).
+    Calling enable again restarts the report with the new settings.
+    """
+    global _state, _atexit_registered
+    target = check_path(path)
+    disable()
+    _state = _State(target, timing, stream)
+    if timing:
+        _wrap_for_timing()
+    dispatch.add_observer(_observe)
+    if not _atexit_registered:
+        atexit.register(_at_exit)
+        _atexit_registered = True
+
+
+def disable() -> None:
+    """Stop collecting (the dispatcher is back on its fast path); what was collected is dropped."""
+    global _state
+    dispatch.remove_observer(_observe)
+    _unwrap_timing()
+    _state = None
+
+
+def enabled() -> bool:
+    return _state is not None
+
+
+def check_path(path: str | os.PathLike[str] | None) -> Path | None:
+    """The file the report will be written to (None: table only); raises AttnpatchError if it cannot be written.
+
+    The runner calls this before the script starts, so a bad path fails at once instead of losing the report.
+    """
+    if path is None or str(path).strip().lower() in _ON_WORDS or str(path).strip() == "":
+        return None
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise AttnpatchError(f"report path {str(target)!r} is a folder: pass a file name such as {target / 'r.json'}")
+    parent = target.parent
+    if not parent.is_dir():
+        raise AttnpatchError(
+            f"cannot write the report to {str(target)!r}: folder {str(parent)!r} does not exist. "
+            "Create it, or pass another path (--report=PATH / ATTNPATCH_REPORT=PATH)"
+        )
+    existed = target.exists()
+    try:
+        with open(target, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise AttnpatchError(
+            f"cannot write the report to {str(target)!r}: {exc.strerror or exc}. "
+            "Pass a writable path (--report=PATH / ATTNPATCH_REPORT=PATH)"
+        ) from None
+    if not existed:
+        target.unlink()  # only probed; the file is written at exit
+    return target
+
+
+def _observe(record: dispatch.CallRecord) -> None:
+    state = _state
+    if state is None:
+        return
+    seconds = getattr(_elapsed, "seconds", None) if state.timing else None
+    site_name = record.site or DIRECT
+    shape_key = (tuple(record.query.shape), tuple(record.key.shape), masks.kind_of(record.attn_mask), record.is_causal)
+    with state.lock:
+        site = state.sites.get(site_name)
+        if site is None:
+            site = state.sites[site_name] = _Site()
+        site.calls += 1
+        site.requested[record.requested] += 1
+        site.served[record.served] += 1
+        if record.refused:
+            site.fallback_calls += 1
+        for backend, reasons in record.refused.items():
+            for reason in reasons:
+                site.fallbacks[(backend, reason, record.served)] += 1
+        site.shapes[shape_key] += 1
+        site.dtypes[registry.dtype_name(record.query.dtype)] += 1
+        if seconds is not None:
+            site.seconds += seconds
+    if seconds is not None:
+        _elapsed.seconds = None
+
+
+def _wrap_for_timing() -> None:
+    # The dispatcher has no hook before a call, so timing wraps each backend's function (and those registered
+    # later); verify and bench call backends through inspect.unwrap, which sees through this wrapper.
+    global _listening
+    if not _listening:
+        registry.on_change(lambda: _wrap_for_timing() if _state is not None and _state.timing else None)
+        _listening = True
+    for backend in registry.list_backends():
+        if backend in _timed:
+            continue
+        original = backend.fn
+        backend.fn = _timed_fn(original)
+        _timed[backend] = original
+
+
+def _timed_fn(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def timed(query: torch.Tensor, *args: Any) -> torch.Tensor:
+        cuda = query.is_cuda
+        if cuda:
+            torch.cuda.synchronize(query.device)
+        start = time.perf_counter()
+        out = fn(query, *args)
+        if cuda:
+            torch.cuda.synchronize(query.device)
+        _elapsed.seconds = time.perf_counter() - start
+        return out
+
+    timed.__wrapped__ = fn  # type: ignore[attr-defined]
+    timed.__name__ = getattr(fn, "__name__", "backend")
+    return timed
+
+
+def _unwrap_timing() -> None:
+    for backend, original in _timed.items():
+        backend.fn = original
+    _timed.clear()
+
+
+def snapshot() -> dict[str, Any]:
+    """The report so far, as the JSON schema in the module docstring (raises if the report is off)."""
+    state = _state
+    if state is None:
+        raise AttnpatchError("the report is off: call attnpatch.report.enable() first (or run with --report)")
+    passthrough: dict[str, Counter[str]] = {}
+    base = state.passthrough_base
+    for (where, reason), count in dispatch.passthrough_counts().items():
+        count -= base.get((where, reason), 0)
+        if count > 0:
+            passthrough.setdefault(where or DIRECT, Counter())[reason] += count
+    verify_rows = _verify_rows()
+    with state.lock:
+        names = list(state.sites) + [s for s in passthrough if s not in state.sites]
+        total_seconds = sum(s.seconds for s in state.sites.values()) if state.timing else None
+        sites = []
+        for name in names:
+            site = state.sites.get(name) or _Site()
+            seconds = site.seconds if state.timing else None
+            sites.append(
+                {
+                    "site": name,
+                    "calls": site.calls,
+                    "fallback_calls": site.fallback_calls,
+                    "requested": dict(site.requested),
+                    "served": dict(site.served),
+                    "fallbacks": [
+                        {"backend": b, "reason": r, "served_by": s, "calls": n}
+                        for (b, r, s), n in site.fallbacks.items()
+                    ],
+                    "shapes": [
+                        {"query": list(q), "key": list(k), "mask": m, "causal": c, "calls": n}
+                        for (q, k, m, c), n in site.shapes.items()
+                    ],
+                    "dtypes": dict(site.dtypes),
+                    "passthrough": [{"reason": r, "calls": n} for r, n in passthrough.get(name, Counter()).items()],
+                    "seconds": seconds,
+                    "time_share": (seconds / total_seconds) if seconds is not None and total_seconds else None,
+                    "verify": verify_rows.get(name),
+                }
+            )
+    return {
+        "schema": SCHEMA,
+        "attnpatch": _version(),
+        "torch": torch.__version__,
+        "started": state.started.isoformat(timespec="seconds"),
+        "wall_seconds": round(time.perf_counter() - state.started_clock, 6),
+        "timed": state.timing,
+        "totals": {
+            "calls": sum(s["calls"] for s in sites),
+            "fallback_calls": sum(s["fallback_calls"] for s in sites),
+            "passthrough_calls": sum(sum(c.values()) for c in passthrough.values()),
+            "attention_seconds": total_seconds,
+        },
+        "sites": sites,
+    }
+
+
+def _verify_rows() -> dict[str, dict[str, Any]]:
+    verify = sys.modules.get("attnpatch.verify")
+    if verify is None or not verify.enabled():
+        return {}
+    return {row["site"]: {k: v for k, v in row.items() if k != "site"} for row in verify.site_summary()}
+
+
+def _version() -> str:
+    from attnpatch import __version__
+
+    return __version__
+
+
+_NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
+def group_name(site: str) -> str:
+    """``transformer.transformer_blocks.7.attn`` -> ``transformer.transformer_blocks.*.attn``."""
+    return _NUMBER.sub("*", site)
+
+
+def format_table(data: dict[str, Any]) -> str:
+    """The text report: one row per group of sites, then every fallback and passthrough reason."""
+    groups: dict[str, dict[str, Any]] = {}
+    for site in data["sites"]:
+        name = group_name(site["site"])
+        group = groups.setdefault(
+            name,
+            {
+                "modules": 0,
+                "calls": 0,
+                "requested": Counter(),
+                "served": Counter(),
+                "fallback": 0,
+                "passthrough": 0,
+                "shapes": set(),
+                "dtypes": Counter(),
+                "seconds": None,
+                "verify": None,
+            },
+        )
+        group["modules"] += 1
+        group["calls"] += site["calls"]
+        group["requested"].update(site["requested"])
+        group["served"].update(site["served"])
+        group["fallback"] += site["fallback_calls"]
+        group["passthrough"] += sum(p["calls"] for p in site["passthrough"])
+        group["shapes"].update((tuple(s["query"]), tuple(s["key"])) for s in site["shapes"])
+        group["dtypes"].update(site["dtypes"])
+        if site["seconds"] is not None:
+            group["seconds"] = (group["seconds"] or 0.0) + site["seconds"]
+        if site["verify"] is not None:
+            group["verify"] = _merge_verify(group["verify"], site["verify"])
+    total = data["totals"]["attention_seconds"]
+    headers = ["module", "n", "asked", "served", "calls", "fallback", "passthru", "shapes", "dtypes"]
+    if data["timed"]:
+        headers.append("time")
+    if any(g["verify"] for g in groups.values()):
+        headers.append("verify")
+    rows = []
+    for name, g in groups.items():
+        row = [
+            name,
+            str(g["modules"]),
+            _counts(g["requested"]),
+            _counts(g["served"]),
+            str(g["calls"]),
+            str(g["fallback"]),
+            str(g["passthrough"]),
+            str(len(g["shapes"])),
+            _counts(g["dtypes"]),
+        ]
+        if data["timed"]:
+            timed = total and g["calls"] and g["seconds"] is not None
+            row.append(f"{100 * g['seconds'] / total:.1f}%" if timed else "-")
+        if "verify" in headers:
+            row.append(_verify_cell(g["verify"]))
+        rows.append(row)
+    totals = data["totals"]
+    lines = [
+        f"attnpatch report: {totals['calls']} attention calls routed, {totals['fallback_calls']} fell back, "
+        f"{totals['passthrough_calls']} passed through ({data['wall_seconds']:.1f} s)"
+    ]
+    if not rows:
+        lines.append("  no attention call reached attnpatch (is the model patched? see `python -m attnpatch --help`)")
+    else:
+        lines.extend(_align([headers, *rows]))
+    reasons = Counter[tuple[str, str, str]]()
+    for site in data["sites"]:
+        for f in site["fallbacks"]:
+            reasons[(f["backend"], f["reason"], f["served_by"])] += f["calls"]
+    if reasons:
+        lines.append("fallbacks:")
+        lines.extend(f"  {b} -> {s}: {r} ({n} calls)" for (b, r, s), n in reasons.items())
+    passthrough = Counter[str]()
+    for site in data["sites"]:
+        for p in site["passthrough"]:
+            passthrough[p["reason"]] += p["calls"]
+    if passthrough:
+        lines.append("passed through to the library's own attention:")
+        lines.extend(f"  {r} ({n} calls)" for r, n in passthrough.items())
+    return "\n".join(lines)
+
+
+def _merge_verify(into: dict[str, Any] | None, row: dict[str, Any]) -> dict[str, Any]:
+    if into is None:
+        return dict(row)
+    merged = dict(into)
+    merged["checked"] += row["checked"]
+    merged["failed"] += row["failed"]
+    for key in ("max_abs", "max_rel", "worst"):
+        merged[key] = max(merged[key], row[key])
+    return merged
+
+
+def _verify_cell(row: dict[str, Any] | None) -> str:
+    if row is None or not row["checked"]:
+        return "-"
+    status = "FAIL" if row["failed"] else "ok"
+    return f"{status} {row['max_abs']:.1e} ({row['worst']:.2g}x tol)"
+
+
+def _counts(counter: Counter[str]) -> str:
+    if not counter:
+        return "-"
+    if len(counter) == 1:
+        return next(iter(counter))
+    return " ".join(f"{k}:{n}" for k, n in counter.most_common())
+
+
+def _align(table: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in table]
+
+
+_INT_LIST = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")
+
+
+def to_json(data: dict[str, Any]) -> str:
+    """Indented JSON with shape lists on one line ([2, 4096, 24, 128])."""
+    return _INT_LIST.sub(
+        lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]", json.dumps(data, indent=2)
+    )
+
+
+def write(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Print the table (and write the file given at enable() or here); returns the snapshot."""
+    data = snapshot()
+    text = format_table(data)
+    state = _state
+    assert state is not None
+    target = Path(path) if path is not None else state.path
+    if target is not None:
+        if target.suffix.lower() == ".json":
+            target.write_text(to_json(data) + "\n", encoding="utf-8")
+        else:
+            target.write_text(text + "\n", encoding="utf-8")
+    stream = state.stream or sys.stderr
+    print(text, file=stream)
+    if target is not None:
+        print(f"attnpatch report written to {target}", file=stream)
+    stream.flush()
+    return data
+
+
+def _at_exit() -> None:
+    if _state is None:
+        return
+    try:
+        write()
+    except Exception as exc:  # never turn a finished run into a crash at interpreter exit
+        print(f"attnpatch: could not write the report: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -1,0 +1,415 @@
+"""Verify: recompute sampled attention calls in float64 and compare them with what the backend returned.
+
+Turn it on with ``python -m attnpatch script.py --verify[=N] [--verify-action=warn|fallback|raise]``,
+``ATTNPATCH_VERIFY=1|N`` (+ ``ATTNPATCH_VERIFY_ACTION``) or ``attnpatch.verify.enable(every, action)``.
+
+Sampling: ``every=1`` (the default) checks the first call of each (module, shape); ``every=N`` (N >= 2) checks the
+1st, (N+1)th, (2N+1)th ... call of each (module, shape). A shape is query and key shape, dtype, mask kind and
+causality, and the backend that served the call (a fallback backend is checked too). Calls with dropout are not
+checked (their result is random by design).
+
+The reference is ``_native_math`` (SDPA's math kernel) on float64 copies of query, key, value and mask, computed
+in chunks of query rows so a 4096-token call does not need gigabytes. A call passes when every element satisfies
+``|out - ref| <= atol + rtol * |ref|`` with the serving backend's tolerance for the input dtype
+(``Backend.caps.tolerance_for``). Recorded per module: calls checked and failed, max abs error, max rel error
+(max abs error / max |ref|) and ``worst``, the largest ``|out - ref| / (atol + rtol * |ref|)`` (> 1 fails).
+
+Actions on a failed check:
+  warn      one warning per module (default); the run goes on unchanged.
+  fallback  the failing call's output is replaced by the reference (cast to its dtype) and that module runs on
+            ``native`` for the rest of the run; a warning says so. This is what rescues fragile parts (an fp32 VAE,
+            a text encoder) from a lossy backend: they often run once, so the failing call itself is fixed.
+  raise     raise :class:`VerifyError` from the attention call.
+
+Cost: one float64 attention per checked call; with the default sampling that is a handful of calls per module.
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from attnpatch import dispatch, env, masks, registry
+from attnpatch.errors import AttnpatchError, AttnpatchWarning
+
+ACTIONS = ("warn", "fallback", "raise")
+DIRECT = "<direct>"
+# Query rows per reference chunk are chosen so one float64 score block stays under this many bytes.
+_CHUNK_BYTES = 256 * 2**20
+
+
+class VerifyError(AttnpatchError):
+    """A verified attention call differs from the float64 reference by more than its backend's tolerance."""
+
+
+@dataclass
+class Check:
+    """One verified call."""
+
+    site: str
+    backend: str
+    query: tuple[int, ...]
+    key: tuple[int, ...]
+    dtype: str
+    mask: str
+    causal: bool
+    max_abs: float
+    max_rel: float
+    worst: float  # max |out - ref| / (atol + rtol * |ref|); passes when <= 1
+    atol: float
+    rtol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.worst <= 1.0  # NaN compares False: a NaN output fails
+
+
+@dataclass
+class _Settings:
+    every: int
+    action: str
+
+
+_settings: _Settings | None = None
+_lock = threading.Lock()
+_seen: dict[tuple[Any, ...], int] = {}
+_checks: list[Check] = []
+_actions: dict[str, str] = {}  # site -> what was done ("warned", "moved to native", "raised")
+# site -> the chain its calls use instead of their own (verify-action=fallback)
+_overrides: dict[str, dispatch.Chain] = {}
+_pending = threading.local()  # .output: the corrected output of the call being observed
+_original_route_slow: Callable[..., torch.Tensor] | None = None
+_atexit_registered = False
+
+
+def parse_every(value: str | int | None) -> int:
+    """``--verify`` / ATTNPATCH_VERIFY value -> sampling interval (1 = first call per module and shape)."""
+    if (
+        value is None
+        or value is True
+        or (isinstance(value, str) and value.strip().lower() in {"", "true", "yes", "on"})
+    ):
+        return 1
+    try:
+        every = int(value)
+    except (TypeError, ValueError):
+        every = 0
+    if every < 1:
+        raise AttnpatchError(
+            f"verify interval {value!r} is not a positive integer: use 1 (first call of each module and shape) "
+            "or N (every Nth call), e.g. --verify=10 or ATTNPATCH_VERIFY=10"
+        )
+    return every
+
+
+def parse_action(value: str | None) -> str:
+    action = (value or "warn").strip().lower()
+    if action not in ACTIONS:
+        raise AttnpatchError(
+            f"verify action {value!r} is not one of {', '.join(ACTIONS)} "
+            "(--verify-action=warn|fallback|raise or ATTNPATCH_VERIFY_ACTION)"
+        )
+    return action
+
+
+def enable(every: int | str | None = 1, action: str | None = "warn") -> None:
+    """Verify sampled calls from now on (see the module docstring); a summary is printed at exit.
+
+    Calling enable again restarts verification with the new settings.
+    """
+    global _settings, _atexit_registered, _original_route_slow
+    settings = _Settings(parse_every(every), parse_action(action))
+    disable()
+    _settings = settings
+    dispatch.add_observer(_observe)
+    if _original_route_slow is None:
+        # Interim hook until the dispatcher has per-site overrides of its own: route() looks _route_slow up as
+        # a module global on every slow-path call (always taken while an observer is registered).
+        _original_route_slow = dispatch._route_slow
+        dispatch._route_slow = _route_slow_with_overrides  # type: ignore[assignment]
+    if not _atexit_registered:
+        atexit.register(_at_exit)
+        _atexit_registered = True
+
+
+def enable_from_env() -> bool:
+    """Enable from ATTNPATCH_VERIFY / ATTNPATCH_VERIFY_ACTION if set; returns whether it did."""
+    value = env.raw("ATTNPATCH_VERIFY")
+    if value is None or value.lower() in {"0", "false", "no", "off"}:
+        return False
+    enable(value, env.raw("ATTNPATCH_VERIFY_ACTION"))
+    return True
+
+
+def disable() -> None:
+    """Stop verifying; modules moved to native go back to their own backend; results are dropped."""
+    global _settings, _original_route_slow
+    dispatch.remove_observer(_observe)
+    if _original_route_slow is not None:
+        dispatch._route_slow = _original_route_slow
+        _original_route_slow = None
+    _settings = None
+    with _lock:
+        _seen.clear()
+        _checks.clear()
+        _actions.clear()
+        _overrides.clear()
+
+
+def enabled() -> bool:
+    return _settings is not None
+
+
+def results() -> list[Check]:
+    """Every check made so far, in order."""
+    with _lock:
+        return list(_checks)
+
+
+def overridden() -> dict[str, str]:
+    """Modules moved to another backend by verify-action=fallback: site -> backend."""
+    return {site: ",".join(chain.names) for site, chain in _overrides.items()}
+
+
+def site_summary() -> list[dict[str, Any]]:
+    """Per module: checked, failed, max_abs, max_rel, worst, atol, rtol, backend(s) checked, action taken."""
+    rows: dict[str, dict[str, Any]] = {}
+    for check in results():
+        row = rows.get(check.site)
+        if row is None:
+            row = rows[check.site] = {
+                "site": check.site,
+                "backends": [],
+                "checked": 0,
+                "failed": 0,
+                "max_abs": 0.0,
+                "max_rel": 0.0,
+                "worst": 0.0,
+                "atol": check.atol,
+                "rtol": check.rtol,
+                "action": None,
+            }
+        if check.backend not in row["backends"]:
+            row["backends"].append(check.backend)
+        row["checked"] += 1
+        row["failed"] += not check.ok
+        for key in ("max_abs", "max_rel", "worst"):
+            value = getattr(check, key)
+            row[key] = value if value != value else max(row[key], value)  # keep a NaN visible
+        row["atol"], row["rtol"] = check.atol, check.rtol
+        row["action"] = _actions.get(check.site)
+    return list(rows.values())
+
+
+def reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention in float64 on SDPA's math kernel, in chunks of query rows; returns (B, Sq, H, Dv) float64.
+
+    query: (batch, seq_q, heads, head_dim); key/value: (batch, seq_kv, heads_kv, head_dim[_v]); attn_mask in any
+    form :func:`attnpatch.dispatch_attention` takes. Runs on the inputs' device (CPU for devices without
+    float64, such as MPS).
+    """
+    device = query.device if query.device.type in ("cpu", "cuda") else torch.device("cpu")
+    q, k, v = (t.detach().to(device=device, dtype=torch.float64) for t in (query, key, value))
+    mask = None
+    if attn_mask is not None:
+        mask, _ = masks.normalize(attn_mask.detach().to(device), q, k)
+        if mask.is_floating_point():
+            mask = mask.to(torch.float64)
+    if is_causal:
+        keep = masks.causal(q.shape[1], k.shape[1], device)
+        mask = keep[None, None] if mask is None else masks.fold_causal(mask, masks.kind_of(mask), *keep.shape)[0]
+    math = inspect.unwrap(registry.get_backend("_native_math").fn)
+    batch, seq_q, heads, _ = q.shape
+    rows = max(1, _CHUNK_BYTES // max(1, batch * heads * k.shape[1] * 8 * 3))
+    if rows >= seq_q:
+        return math(q, k, v, mask, 0.0, False, scale, False)
+    out = []
+    for start in range(0, seq_q, rows):
+        stop = min(seq_q, start + rows)
+        chunk_mask = mask[:, :, start:stop] if mask is not None and mask.shape[2] != 1 else mask
+        out.append(math(q[:, start:stop], k, v, chunk_mask, 0.0, False, scale, False))
+    return torch.cat(out, dim=1)
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> tuple[float, float, float]:
+    """(max_abs, max_rel, worst) of ``out`` against the float64 ``ref`` (see the module docstring)."""
+    diff = (out.detach().to(ref.device, torch.float64) - ref).abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    worst = float((diff / (atol + rtol * ref.abs())).max()) if diff.numel() else 0.0
+    if torch.isnan(diff).any():
+        max_abs = max_rel = worst = float("nan")
+    return max_abs, max_rel, worst
+
+
+def _observe(record: dispatch.CallRecord) -> None:
+    settings = _settings
+    if settings is None or record.dropout_p > 0.0:
+        return
+    site = record.site or DIRECT
+    sample_key = (
+        site,
+        record.served,
+        tuple(record.query.shape),
+        tuple(record.key.shape),
+        record.query.dtype,
+        masks.kind_of(record.attn_mask),
+        record.is_causal,
+    )
+    with _lock:
+        seen = _seen.get(sample_key, 0)
+        _seen[sample_key] = seen + 1
+    if (seen > 0 and settings.every == 1) or seen % settings.every:
+        return
+    backend = registry.get_backend(record.served)
+    atol, rtol = backend.caps.tolerance_for(record.query.dtype)
+    with torch.no_grad():
+        ref = reference(record.query, record.key, record.value, record.attn_mask, record.is_causal, record.scale)
+        max_abs, max_rel, worst = compare(record.output, ref, atol, rtol)
+    check = Check(
+        site=site,
+        backend=record.served,
+        query=tuple(record.query.shape),
+        key=tuple(record.key.shape),
+        dtype=registry.dtype_name(record.query.dtype),
+        mask=masks.kind_of(record.attn_mask),
+        causal=record.is_causal,
+        max_abs=max_abs,
+        max_rel=max_rel,
+        worst=worst,
+        atol=atol,
+        rtol=rtol,
+    )
+    with _lock:
+        _checks.append(check)
+    if not check.ok:
+        _act(settings.action, check, record, ref)
+
+
+def _act(action: str, check: Check, record: dispatch.CallRecord, ref: torch.Tensor) -> None:
+    what = (
+        f"attnpatch verify: {check.site} on {check.backend!r} differs from the float64 reference by "
+        f"{check.max_abs:.3g} (max abs, {check.max_rel:.2%} of max |ref|; {check.worst:.3g}x the {check.dtype} "
+        f"tolerance atol={check.atol:g} rtol={check.rtol:g}) at query {'x'.join(map(str, check.query))}"
+    )
+    if action == "raise":
+        _actions[check.site] = "raised"
+        raise VerifyError(what + ". Choose another backend for this module, or --verify-action=warn|fallback")
+    if action == "fallback" and check.backend != "native":
+        with _lock:
+            first = check.site not in _overrides
+            _overrides[check.site] = _native_for(record.requested)
+            _actions[check.site] = "moved to native"
+        _pending.output = ref.to(device=record.output.device, dtype=record.output.dtype)
+        if first:
+            warnings.warn(
+                what + "; this call's output was replaced by the reference and the module runs on 'native' for the "
+                "rest of the run (--verify-action=fallback)",
+                AttnpatchWarning,
+                stacklevel=_user_stacklevel(),
+            )
+        return
+    with _lock:
+        first = check.site not in _actions
+        _actions.setdefault(check.site, "warned")
+    if first:
+        hint = "" if action == "warn" else " (already on 'native': nothing to fall back to)"
+        warnings.warn(
+            what + hint + ". Shown once per module; --verify-action=fallback moves such modules to native",
+            AttnpatchWarning,
+            stacklevel=_user_stacklevel(),
+        )
+
+
+def _user_stacklevel() -> int:
+    # Point the warning at the first frame outside attnpatch (and wrapt's wrappers), i.e. the model code whose
+    # attention call failed, not at this module.
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name == "attnpatch" or name.startswith(("attnpatch.", "wrapt"))):
+            return level
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return 1
+
+
+def _native_for(requested: str) -> dispatch.Chain:
+    # Keep the requested spec so the report still says what was asked for; only the members change.
+    native = registry.get_backend("native")
+    return dispatch.Chain(spec=requested, members=(native,), implicit_native=False, fast=native)
+
+
+def _route_slow_with_overrides(chain: dispatch.Chain, *args: Any) -> torch.Tensor:
+    site = args[-1] or dispatch._local.site or DIRECT
+    override = _overrides.get(site) if _overrides else None
+    assert _original_route_slow is not None
+    out = _original_route_slow(override or chain, *args)
+    fixed = getattr(_pending, "output", None)
+    if fixed is not None:
+        _pending.output = None
+        return fixed
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "attnpatch verify: no attention call was checked"
+    failed = sum(r["failed"] for r in rows)
+    header = ["module", "backend", "checked", "failed", "max abs", "max rel", "worst/tol", "action"]
+    table = [header]
+    for r in rows:
+        table.append(
+            [
+                r["site"],
+                ",".join(r["backends"]),
+                str(r["checked"]),
+                str(r["failed"]),
+                f"{r['max_abs']:.2e}",
+                f"{r['max_rel']:.2e}",
+                f"{r['worst']:.3g}",
+                r["action"] or "-",
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [f"attnpatch verify: {sum(r['checked'] for r in rows)} calls checked, {failed} outside tolerance"]
+    lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    return "\n".join(lines)
+
+
+def summary() -> dict[str, Any]:
+    """JSON-ready results: settings, per-module rows and every check."""
+    settings = _settings
+    return {
+        "every": settings.every if settings else None,
+        "action": settings.action if settings else None,
+        "sites": site_summary(),
+        "checks": [asdict(c) | {"ok": c.ok} for c in results()],
+    }
+
+
+def _at_exit() -> None:
+    report = sys.modules.get("attnpatch.report")
+    if _settings is None or (report is not None and report.enabled()):
+        return  # the report shows the verify columns
+    try:
+        print(format_table(site_summary()), file=sys.stderr)
+    except Exception as exc:  # never turn a finished run into a crash at interpreter exit
+        print(f"attnpatch verify: could not print the summary: {type(exc).__name__}: {exc}", file=sys.stderr)
