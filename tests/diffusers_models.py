@@ -421,7 +421,15 @@ def t5_tokenizer() -> Any:
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [(c, -3.0) for c in string.ascii_lowercase]
-    return T5Tokenizer(vocab=vocab)
+    try:
+        return T5Tokenizer(vocab=vocab)  # transformers 5
+    except TypeError:  # transformers 4 builds the slow one from a sentencepiece file: use the fast one
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import T5TokenizerFast
+
+        backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+        return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
 def stable_diffusion_pipeline() -> Any:
