@@ -28,26 +28,16 @@ DOC = os.path.join(ROOT, "docs", "compat.md")
 DATA_RE = re.compile(r"<!-- compat-data\n(.*?)\n-->", re.S)
 
 import torch  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from attnpatch import api, dispatch  # noqa: E402
 
 
-class _SdpaCounter(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") == "scaled_dot_product_attention":
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 def measure(build: Callable[[], Any], run: Callable[[Any], Any]) -> dict[str, Any]:
     """{routed, total, passthrough: {reason: calls}} for one model: unpatched run, then applied with native."""
+    import diffusers_models as dm
+
     model = build()
-    with _SdpaCounter() as counter:
+    with dm.SdpaCounter() as counter:
         run(model)
     records: list[Any] = []
     dispatch.reset_fallbacks()

@@ -13,6 +13,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
+
+
+class SdpaCounter(TorchFunctionMode):
+    """Counts calls of torch's own SDPA, whoever makes them: the softmax attention calls a model makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") == "scaled_dot_product_attention":
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass(frozen=True)

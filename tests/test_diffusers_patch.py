@@ -22,7 +22,6 @@ pytest.importorskip("diffusers")
 import diffusers  # noqa: E402
 import diffusers_models as dm  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from attnpatch import api, dispatch, registry  # noqa: E402
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, state  # noqa: E402
@@ -37,19 +36,6 @@ try:
 except ImportError:  # diffusers < 0.35: the legacy path only
     attention_dispatch = None
     ORIGINAL_DISPATCH = None
-
-
-class SdpaCounter(TorchFunctionMode):
-    """Counts calls of torch's own SDPA, whoever makes them: the number of softmax attention calls a model makes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") == "scaled_dot_product_attention":
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 @contextmanager
@@ -106,7 +92,7 @@ def family(name: str) -> dm.Family:
 def test_every_softmax_attention_call_reaches_the_dispatcher(name: str) -> None:
     fam = family(name)
     model = dm.build(fam)
-    with SdpaCounter() as counter:
+    with dm.SdpaCounter() as counter:
         expected = dm.run(fam, model)
     layers = patcher.attention_modules(model)
     assert counter.calls > 0 and layers
@@ -162,7 +148,7 @@ def _transformers_patcher() -> None:
 def test_full_pipeline_routes_every_component(builder: Any, denoiser: str) -> None:
     _transformers_patcher()
     pipe = builder()
-    with SdpaCounter() as counter:
+    with dm.SdpaCounter() as counter:
         expected = dm.run_pipeline(pipe)
     api.apply(pipe, "native")
     with observed() as records:
@@ -182,7 +168,7 @@ def test_full_pipeline_routes_every_component(builder: Any, denoiser: str) -> No
     # Per component: the denoiser on one backend, text encoders on another, the VAE left unrouted.
     api.unapply(pipe)
     api.apply(pipe, {denoiser: "_native_math", "text_encoder*": "native", "vae": None})
-    with SdpaCounter() as counter, observed() as records:
+    with dm.SdpaCounter() as counter, observed() as records:
         out = dm.run_pipeline(pipe)
     served = {(r.site.split(".", 1)[0], r.served) for r in records}
     assert served == {(denoiser, "_native_math"), *((t, "native") for t in text_encoders)}
