@@ -217,14 +217,15 @@ def time_backends(backends: list[Backend], args: tuple[Any, ...]) -> tuple[dict[
     rounds, spent = 0, 0.0
     while fns and (rounds < _MIN_RUNS or (rounds < _MAX_RUNS and spent < _BUDGET_S)):
         for name, fn in fns.items():
-            seconds = _time_once(fn, args)
+            seconds = time_call(fn, args)
             samples[name].append(seconds)
             spent += seconds
         rounds += 1
     return {name: min(times) for name, times in samples.items()}, errors
 
 
-def _time_once(fn: Any, args: tuple[Any, ...]) -> float:
+def time_call(fn: Any, args: tuple[Any, ...]) -> float:
+    """Seconds of one ``fn(*args)``: CUDA events when the first argument is on a GPU, else the wall clock."""
     if args[0].is_cuda:
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

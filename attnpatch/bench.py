@@ -334,7 +334,7 @@ def run_case(
     """Measure ``case`` on each backend, appending one result dict per backend to ``results``."""
     import torch
 
-    from attnpatch import registry, verify
+    from attnpatch import verify
     from attnpatch.registry import MASK_NONE, CallSpec
 
     generator = torch.Generator(device).manual_seed(0)
@@ -352,40 +352,38 @@ def run_case(
     for backend in backends:
         progress.step(f"{case.label}: {backend.name}")
         row = _row(case, backend.name)
-        results.append(row)
         reasons = backend.call_reasons(call)
         if reasons:
             row.update(status="skipped", reasons=reasons)
+            results.append(row)
             continue
         try:
             with torch.no_grad():
                 out, median, fastest, peak = _time(inspect.unwrap(backend.fn), args, warmup, runs)
                 if check and reference is None:
                     reference = verify.reference(query, key, value, None, case.causal, None)
-                atol, rtol = backend.caps.tolerance_for(dtype)
                 if reference is not None:
+                    atol, rtol = backend.caps.tolerance_for(dtype)
                     max_abs, _, worst = verify.compare(out, reference, atol, rtol)
                     row.update(max_abs_err=max_abs, tolerance=[atol, rtol], within_tolerance=worst <= 1.0)
                 del out
                 overhead = dispatch_overhead(backend, args)
         except torch.OutOfMemoryError:
-            row.update(status="error", reasons=["out of memory"])
             torch.cuda.empty_cache()
-            continue
+            row.update(status="error", reasons=["out of memory"])
         except Exception as exc:  # one failing backend must not end the whole benchmark
             row.update(status="error", reasons=[f"{type(exc).__name__}: {exc}".splitlines()[0][:300]])
-            continue
-        row.update(
-            status="ok",
-            median_ms=median * 1e3,
-            min_ms=fastest * 1e3,
-            runs=runs,
-            tflops=case.flops / median / 1e12 if median > 0 else None,
-            peak_mem_mb=peak,
-            overhead_us=overhead,
-        )
-    del reference
-    _ = registry  # registry is imported for its side effect of loading the built-in backends
+        else:
+            row.update(
+                median_ms=median * 1e3,
+                min_ms=fastest * 1e3,
+                runs=runs,
+                tflops=case.flops / median / 1e12 if median > 0 else None,
+                peak_mem_mb=peak,
+                overhead_us=overhead,
+            )
+        # Appended only once complete: a Ctrl-C inside a measurement leaves no half-filled row behind.
+        results.append(row)
 
 
 def _row(case: Case, backend: str) -> dict[str, Any]:
@@ -419,8 +417,10 @@ def _row(case: Case, backend: str) -> dict[str, Any]:
 def _time(
     fn: Callable[..., Any], args: tuple[Any, ...], warmup: int, runs: int
 ) -> tuple[Any, float, float, float | None]:
-    """(first output, median s, min s, peak MB added on CUDA or None)."""
+    """(first output, median s, min s, peak MB added on CUDA or None). The first call is a warm-up run too."""
     import torch
+
+    from attnpatch.autotune import time_call
 
     cuda = args[0].is_cuda
     peak = None
@@ -434,19 +434,7 @@ def _time(
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     for _ in range(max(0, warmup - 1)):
         fn(*args)
-    samples = []
-    for _ in range(max(1, runs)):
-        if cuda:
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*args)
-            stop.record()
-            stop.synchronize()
-            samples.append(start.elapsed_time(stop) / 1e3)
-        else:
-            began = time.perf_counter()
-            fn(*args)
-            samples.append(time.perf_counter() - began)
+    samples = [time_call(fn, args) for _ in range(max(1, runs))]
     return out, statistics.median(samples), min(samples), peak
 
 
@@ -513,8 +501,9 @@ def format_table(data: dict[str, Any]) -> str:
             ]
         )
     if ok:
-        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-        lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in table]
+        from attnpatch.report import align
+
+        lines += align(table)
     else:
         lines.append("  nothing measured")
     if any(r["scaled_from"] for r in ok):

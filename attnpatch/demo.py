@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per row, best is shown (default 3)")
     parser.add_argument("--fast", action="store_true", help="1 step, 4 tokens, 1 timed run (for tests)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on a GPU, fp32 on a CPU")
     opts = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
     from attnpatch import tiny
@@ -85,6 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from attnpatch import registry
 
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False); use --device cpu")
+    # Fused GPU kernels (flash, cuDNN, sage) take half precision only: in float32 every call would fall back.
+    dtype_name = opts.dtype = opts.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     try:
         backends, left_out = choose_backends(opts.backends)
     except registry.UnknownBackendError as exc:
@@ -99,11 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     began = time.perf_counter()
     print(
-        f"attnpatch demo: tiny {', '.join(models)} on {device.type}, backends: {', '.join(backends)}",
+        f"attnpatch demo: tiny {', '.join(models)} on {device.type} in {dtype_name}, backends: {', '.join(backends)}",
         file=sys.stderr,
     )
     rows: list[Row] = []
-    jobs = workloads(opts.steps, opts.tokens, device)
+    jobs = workloads(opts.steps, opts.tokens, device, dtype)
     for name in models:
         job = jobs[name]
         model_rows = run_model(job, job.build(), backends, opts.repeat)
@@ -117,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = sorted(p.name for p in out_dir.glob("*.png"))
     summary = {
         "device": device.type,
+        "dtype": dtype_name,
         "steps": opts.steps,
         "tokens": opts.tokens,
         "seconds": round(elapsed, 2),
@@ -149,18 +156,19 @@ def choose_backends(spec: str | None) -> tuple[list[str], dict[str, str]]:
 
 def run_model(job: Workload, model: Any, backends: list[str], repeat: int) -> list[Row]:
     """One row per backend plus the unpatched run; the model is unapplied after each backend."""
-    from attnpatch import api, dispatch
+    import attnpatch
+    from attnpatch import dispatch
 
     rows = [_measure(job.name, UNPATCHED, model, job.run, repeat)]
     for backend in backends:
         # Fallback warnings would repeat what the table shows under "fallbacks"; keep the output to the table.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            api.apply(model, backend=backend)
+            attnpatch.apply(model, backend=backend)
             try:
                 rows.append(_measure(job.name, backend, model, job.run, repeat, counted=True))
             finally:
-                api.unapply(model)
+                attnpatch.unapply(model)
     dispatch.reset_fallbacks()
     baseline = next((r for r in rows if r.backend == "native"), rows[0])
     for row in rows:
@@ -215,20 +223,20 @@ class Workload:
     save: Callable[[Row, Path], None]
 
 
-def workloads(steps: int = 2, tokens: int = 8, device: Any = "cpu") -> dict[str, Workload]:
-    """The demo's models (also timed by benchmarks/e2e.py): name -> Workload."""
+def workloads(steps: int = 2, tokens: int = 8, device: Any = "cpu", dtype: Any = None) -> dict[str, Workload]:
+    """The demo's models (also timed by benchmarks/e2e.py): name -> Workload. dtype: None keeps float32."""
     import torch
 
     from attnpatch import tiny
 
     def sd_build() -> Any:
-        return tiny.stable_diffusion_pipeline().to(device)
+        return tiny.place(tiny.stable_diffusion_pipeline(), device, dtype)
 
     def sd_run(pipe: Any) -> Any:
         return pipe("a red cube", num_inference_steps=steps, generator=tiny.generator(), output_type="np").images
 
     def flux_build() -> Any:
-        return tiny.flux_pipeline().to(device)
+        return tiny.place(tiny.flux_pipeline(), device, dtype)
 
     def flux_run(pipe: Any) -> Any:
         return pipe(
@@ -247,7 +255,7 @@ def workloads(steps: int = 2, tokens: int = 8, device: Any = "cpu") -> dict[str,
         model, tokenizer = tiny.llama()
         # A left-padded batch: padding is where a wrong mask would show.
         inputs.update(tokenizer(["hello world, how are you", "hi"], return_tensors="pt", padding=True).to(device))
-        return model.to(device)
+        return tiny.place(model, device, dtype)
 
     def llama_run(model: Any) -> Any:
         with torch.no_grad():
@@ -259,7 +267,7 @@ def workloads(steps: int = 2, tokens: int = 8, device: Any = "cpu") -> dict[str,
                 return_dict_in_generate=True,
                 pad_token_id=model.config.pad_token_id,
             )
-        return out.sequences, torch.stack(out.scores)
+        return out.sequences, torch.stack(out.scores).float()
 
     def llama_compare(output: Any, baseline: Any) -> tuple[float, str]:
         same = torch.equal(output[0], baseline[0])
@@ -273,7 +281,7 @@ def workloads(steps: int = 2, tokens: int = 8, device: Any = "cpu") -> dict[str,
 
 
 def _image_compare(output: Any, baseline: Any) -> tuple[float, str]:
-    return float(abs(output - baseline).max()), ""
+    return float(abs(output.astype("float64") - baseline.astype("float64")).max()), ""
 
 
 def _save_image(row: Row, out_dir: Path) -> None:
@@ -288,6 +296,8 @@ def _save_image(row: Row, out_dir: Path) -> None:
 
 
 def format_table(rows: list[Row], device: Any, opts: argparse.Namespace) -> str:
+    from attnpatch.report import align
+
     header = ["model", "backend", "attention calls", "served by", "ms", "max diff vs native", "note"]
     table = [header]
     for row in rows:
@@ -305,12 +315,11 @@ def format_table(rows: list[Row], device: Any, opts: argparse.Namespace) -> str:
                 row.note,
             ]
         )
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = [
-        f"tiny models on {device.type}: Stable Diffusion and Flux {opts.steps} step(s) at 32x32, Llama greedy "
-        f"{opts.tokens} tokens on a left-padded batch; ms = best of {max(1, opts.repeat)}"
+        f"tiny models on {device.type} ({opts.dtype}): diffusion {opts.steps} step(s) at 32x32, "
+        f"Llama greedy {opts.tokens} tokens on a left-padded batch; ms = best of {max(1, opts.repeat)}"
     ]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    lines += align(table, indent="")
     reasons = Counter[str]()
     for row in rows:
         for reason, n in row.fallbacks.items():

@@ -141,11 +141,13 @@ def enabled() -> bool:
 def check_path(path: str | os.PathLike[str] | None) -> Path | None:
     """The file the report will be written to (None: table only); raises AttnpatchError if it cannot be written.
 
-    The runner calls this before the script starts, so a bad path fails at once instead of losing the report.
+    enable() calls it; a runner can call it before the script starts, so a bad path fails at once instead of
+    losing the report at exit. Relative paths are taken from the current folder now (a script's chdir later does
+    not move the report).
     """
     if path is None or str(path).strip().lower() in _ON_WORDS or str(path).strip() == "":
         return None
-    target = Path(path).expanduser()
+    target = Path(path).expanduser().absolute()
     if target.is_dir():
         raise AttnpatchError(f"report path {str(target)!r} is a folder: pass a file name such as {target / 'r.json'}")
     parent = target.parent
@@ -377,7 +379,7 @@ def format_table(data: dict[str, Any]) -> str:
     if not rows:
         lines.append("  no attention call reached attnpatch (is the model patched? see `python -m attnpatch --help`)")
     else:
-        lines.extend(_align([headers, *rows]))
+        lines.extend(align([headers, *rows]))
     reasons = Counter[tuple[str, str, str]]()
     for site in data["sites"]:
         for f in site["fallbacks"]:
@@ -403,6 +405,7 @@ def _merge_verify(into: dict[str, Any] | None, row: dict[str, Any]) -> dict[str,
     merged["failed"] += row["failed"]
     for key in ("max_abs", "max_rel", "worst"):
         merged[key] = max(merged[key], row[key])
+    merged["action"] = merged.get("action") or row.get("action")
     return merged
 
 
@@ -410,7 +413,8 @@ def _verify_cell(row: dict[str, Any] | None) -> str:
     if row is None or not row["checked"]:
         return "-"
     status = "FAIL" if row["failed"] else "ok"
-    return f"{status} {row['max_abs']:.1e} ({row['worst']:.2g}x tol)"
+    moved = " -> native" if row.get("action") == "moved to native" else ""
+    return f"{status} {row['max_abs']:.1e} ({row['worst']:.2g}x tol){moved}"
 
 
 def _counts(counter: Counter[str]) -> str:
@@ -421,9 +425,10 @@ def _counts(counter: Counter[str]) -> str:
     return " ".join(f"{k}:{n}" for k, n in counter.most_common())
 
 
-def _align(table: list[list[str]]) -> list[str]:
+def align(table: list[list[str]], indent: str = "  ") -> list[str]:
+    """Rows of cells -> lines with the columns aligned (the text tables of report, verify, bench and demo)."""
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return ["  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    return [indent + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in table]
 
 
 _INT_LIST = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")

@@ -16,6 +16,7 @@ Weights depend only on ``seed``, so two builds with one seed are identical. Need
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import string
@@ -32,11 +33,18 @@ VOCAB_SIZE = 128
 
 
 def missing() -> list[str]:
-    """Why the tiny models cannot be built here (empty when they can)."""
+    """Why the tiny models cannot be built here (empty when they can). Imports neither library."""
     reasons = []
     for module, extra in (("diffusers", "diffusers"), ("transformers", "transformers")):
         if importlib.util.find_spec(module) is None:
             reasons.append(f"{module} not installed: pip install 'attnpatch[{extra}]'")
+    if not reasons:
+        # The offline tokenizers are built from in-memory vocabularies, which transformers 5 takes (4.x wants files).
+        version = importlib.metadata.version("transformers")
+        if int(version.split(".")[0]) < 5:
+            reasons.append(
+                f"transformers {version} is too old for the offline tokenizers: pip install -U 'transformers>=5'"
+            )
     return reasons
 
 
@@ -64,6 +72,14 @@ def _quiet() -> Iterator[None]:
     finally:
         diffusers_logging.set_verbosity(saved[0])
         transformers_logging.set_verbosity(saved[1])
+
+
+def place(obj: Any, device: Any = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """``obj.to(device, dtype)`` for a pipeline or model, without diffusers' advice about from_pretrained."""
+    if torch.device(device).type == "cpu" and dtype in (None, torch.float32):
+        return obj
+    with _quiet():
+        return obj.to(device, dtype) if dtype is not None else obj.to(device)
 
 
 def clip_tokenizer(max_length: int = 16) -> Any:
@@ -153,7 +169,11 @@ def vae(seed: int = 0, **config: Any) -> Any:
 
 
 def unet(seed: int = 0) -> Any:
-    """UNet2DConditionModel: cross-attention at 16x16 (down and up) and in the 8x8 mid block."""
+    """UNet2DConditionModel: cross-attention at 16x16 (down and up) and in the 8x8 mid block.
+
+    2 heads (diffusers' legacy ``attention_head_dim`` is the head count here), so head dims are 16 and 32: multiples
+    of 8, which fused GPU kernels (flash, cuDNN, sage) need, so the demo exercises them on a GPU.
+    """
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -166,7 +186,7 @@ def unet(seed: int = 0) -> Any:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=8,
+        attention_head_dim=2,
         norm_num_groups=32,
     )
     return model.eval()

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from attnpatch import dispatch, env, masks, registry
+from attnpatch import dispatch, masks, registry
 from attnpatch.errors import AttnpatchError, AttnpatchWarning
 
 ACTIONS = ("warn", "fallback", "raise")
@@ -138,15 +138,6 @@ def enable(every: int | str | None = 1, action: str | None = "warn") -> None:
     if not _atexit_registered:
         atexit.register(_at_exit)
         _atexit_registered = True
-
-
-def enable_from_env() -> bool:
-    """Enable from ATTNPATCH_VERIFY / ATTNPATCH_VERIFY_ACTION if set; returns whether it did."""
-    value = env.raw("ATTNPATCH_VERIFY")
-    if value is None or value.lower() in {"0", "false", "no", "off"}:
-        return False
-    enable(value, env.raw("ATTNPATCH_VERIFY_ACTION"))
-    return True
 
 
 def disable() -> None:
@@ -388,10 +379,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 r["action"] or "-",
             ]
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    from attnpatch.report import align
+
     lines = [f"attnpatch verify: {sum(r['checked'] for r in rows)} calls checked, {failed} outside tolerance"]
-    lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in table]
-    return "\n".join(lines)
+    return "\n".join(lines + align(table))
 
 
 def summary() -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 from attnpatch import tiny
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--prompt", default="a red fox in fresh snow")
+parser.add_argument("--prompt", default="a red fox")  # the tiny tokenizers keep 16 tokens
 parser.add_argument("--steps", type=int, default=2)
 parser.add_argument("--out", default="tiny-flux.png")
 parser.add_argument("--attnpatch", metavar="BACKEND", help="route attention with attnpatch.apply(pipe, backend=...)")

@@ -211,3 +211,21 @@ def test_all_means_every_available_backend(tmp_path: Path, capsys: pytest.Captur
     unavailable = [b.name for b in registry.list_backends() if not b.available]
     if unavailable:
         assert "not available here: " in out and "python -m attnpatch list says why" in out
+
+
+def test_ctrl_c_inside_a_measurement_leaves_no_half_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(*args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    registry.register_backend("test_interrupted", interrupted)
+    path = tmp_path / "partial.json"
+    try:
+        status = cli.main(
+            ["bench", "--shape", "1,8,2,8", "--backends", "native,test_interrupted", *FAST, "--json", str(path)]
+        )
+    finally:
+        registry.unregister_backend("test_interrupted")
+    assert status == 130
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["backend"], r["status"]) for r in rows] == [("native", "ok")]
+    assert "INTERRUPTED" in capsys.readouterr().out

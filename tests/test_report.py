@@ -235,7 +235,7 @@ def test_table_and_file_at_exit(tmp_path: Path) -> None:
 @needs_models
 @pytest.mark.parametrize("model", ["sd", "flux", "llama"])
 def test_counts_match_the_models_real_attention_calls(model: str) -> None:
-    from attnpatch import api, demo
+    from attnpatch import demo
 
     job = demo.workloads(steps=1, tokens=3)[model]
     built = job.build()
@@ -244,11 +244,11 @@ def test_counts_match_the_models_real_attention_calls(model: str) -> None:
         job.run(built)  # unpatched: every softmax attention of these models is one torch SDPA call
     assert counter.calls > 0
     report.enable()
-    api.apply(built, backend="native")
+    attnpatch.apply(built, backend="native")
     try:
         job.run(built)
     finally:
-        api.unapply(built)
+        attnpatch.unapply(built)
     data = report.snapshot()
     assert data["totals"]["calls"] == counter.calls
     assert data["totals"]["fallback_calls"] == 0

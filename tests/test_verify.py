@@ -124,17 +124,17 @@ def test_fallback_moves_module_to_native_and_fixes_the_failing_call() -> None:
     bool(__import__("attnpatch.tiny", fromlist=["missing"]).missing()), reason="needs diffusers and transformers"
 )
 def test_fallback_rescues_a_real_pipeline() -> None:
-    from attnpatch import api, demo
+    from attnpatch import demo
 
     job = demo.workloads(steps=2)["sd"]
     pipe = job.build()
-    native = job.run(api.apply(pipe, backend="native"))
-    lossy_image = job.run(api.apply(pipe, backend=LOSSY))
+    native = job.run(attnpatch.apply(pipe, backend="native"))
+    lossy_image = job.run(attnpatch.apply(pipe, backend=LOSSY))
     verify.enable(1, "fallback")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rescued = job.run(api.apply(pipe, backend=LOSSY))
-    api.unapply(pipe)
+        rescued = job.run(attnpatch.apply(pipe, backend=LOSSY))
+    attnpatch.unapply(pipe)
     assert abs(lossy_image - native).max() > 1e-2
     assert abs(rescued - native).max() < 1e-4
     rows = verify.site_summary()
