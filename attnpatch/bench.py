@@ -221,7 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from attnpatch import registry
+    from attnpatch.errors import AttnpatchError
+    from attnpatch.report import check_path
 
+    try:  # checked now: a path that cannot be written must not cost a finished run its results
+        check_path(opts.json if opts.json != "-" else None, "the results", "--json PATH")
+        check_path(opts.plot, "the plot", "--plot PATH")
+    except AttnpatchError as exc:
+        print(f"attnpatch bench: {exc}", file=sys.stderr)
+        return 2
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False); use --device cpu")

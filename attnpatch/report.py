@@ -138,7 +138,12 @@ def enabled() -> bool:
     return _state is not None
 
 
-def check_path(path: str | os.PathLike[str] | None) -> Path | None:
+_REPORT_OPTION = "--report=PATH / ATTNPATCH_REPORT=PATH"
+
+
+def check_path(
+    path: str | os.PathLike[str] | None, what: str = "the report", option: str = _REPORT_OPTION
+) -> Path | None:
     """The file the report will be written to (None: table only); raises AttnpatchError if it cannot be written.
 
     enable() calls it; a runner can call it before the script starts, so a bad path fails at once instead of
@@ -149,12 +154,15 @@ def check_path(path: str | os.PathLike[str] | None) -> Path | None:
         return None
     target = Path(path).expanduser().absolute()
     if target.is_dir():
-        raise AttnpatchError(f"report path {str(target)!r} is a folder: pass a file name such as {target / 'r.json'}")
+        raise AttnpatchError(
+            f"cannot write {what} to {str(target)!r}: it is a folder. Pass a file name such as "
+            f"{target / 'out.json'} ({option})"
+        )
     parent = target.parent
     if not parent.is_dir():
         raise AttnpatchError(
-            f"cannot write the report to {str(target)!r}: folder {str(parent)!r} does not exist. "
-            "Create it, or pass another path (--report=PATH / ATTNPATCH_REPORT=PATH)"
+            f"cannot write {what} to {str(target)!r}: folder {str(parent)!r} does not exist. "
+            f"Create it, or pass another path ({option})"
         )
     existed = target.exists()
     try:
@@ -162,8 +170,7 @@ def check_path(path: str | os.PathLike[str] | None) -> Path | None:
             pass
     except OSError as exc:
         raise AttnpatchError(
-            f"cannot write the report to {str(target)!r}: {exc.strerror or exc}. "
-            "Pass a writable path (--report=PATH / ATTNPATCH_REPORT=PATH)"
+            f"cannot write {what} to {str(target)!r}: {exc.strerror or exc}. Pass a writable path ({option})"
         ) from None
     if not existed:
         target.unlink()  # only probed; the file is written at exit

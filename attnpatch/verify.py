@@ -39,9 +39,9 @@ import torch
 
 from attnpatch import dispatch, masks, registry
 from attnpatch.errors import AttnpatchError, AttnpatchWarning
+from attnpatch.report import DIRECT, align
 
 ACTIONS = ("warn", "fallback", "raise")
-DIRECT = "<direct>"
 # Query rows per reference chunk are chosen so one float64 score block stays under this many bytes.
 _CHUNK_BYTES = 256 * 2**20
 
@@ -218,9 +218,7 @@ def reference(
     q, k, v = (t.detach().to(device=device, dtype=torch.float64) for t in (query, key, value))
     mask = None
     if attn_mask is not None:
-        mask, _ = masks.normalize(attn_mask.detach().to(device), q, k)
-        if mask.is_floating_point():
-            mask = mask.to(torch.float64)
+        mask, _ = masks.normalize(attn_mask.detach().to(device), q, k)  # an additive mask becomes float64 too
     if is_causal:
         keep = masks.causal(q.shape[1], k.shape[1], device)
         mask = keep[None, None] if mask is None else masks.fold_causal(mask, masks.kind_of(mask), *keep.shape)[0]
@@ -254,13 +252,14 @@ def _observe(record: dispatch.CallRecord) -> None:
     if settings is None or record.dropout_p > 0.0:
         return
     site = record.site or DIRECT
+    mask_kind = masks.kind_of(record.attn_mask)
     sample_key = (
         site,
         record.served,
         tuple(record.query.shape),
         tuple(record.key.shape),
         record.query.dtype,
-        masks.kind_of(record.attn_mask),
+        mask_kind,
         record.is_causal,
     )
     with _lock:
@@ -279,7 +278,7 @@ def _observe(record: dispatch.CallRecord) -> None:
         query=tuple(record.query.shape),
         key=tuple(record.key.shape),
         dtype=registry.dtype_name(record.query.dtype),
-        mask=masks.kind_of(record.attn_mask),
+        mask=mask_kind,
         causal=record.is_causal,
         max_abs=max_abs,
         max_rel=max_rel,
@@ -379,8 +378,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 r["action"] or "-",
             ]
         )
-    from attnpatch.report import align
-
     lines = [f"attnpatch verify: {sum(r['checked'] for r in rows)} calls checked, {failed} outside tolerance"]
     return "\n".join(lines + align(table))
 

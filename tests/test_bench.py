@@ -120,6 +120,7 @@ def test_preset_run_marks_scaled_shapes(tmp_path: Path, capsys: pytest.CaptureFi
         (["--shape", "1,16,4,32,3"], "heads 4 is not a multiple of key/value heads 3"),
         (["--shape", "a,b,c,d"], "Or a preset: sd15, sdxl, flux-1024"),
         (["--backends", "nope"], "unknown attention backend 'nope'"),
+        (["--json", "no/such/folder/out.json"], "cannot write the results to"),
     ],
 )
 def test_bad_input_names_presets_and_syntax(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
