@@ -1,0 +1,261 @@
+"""SageAttention (``sageattention``): INT8 Q·K with FP16 or FP8 P·V. Lossy, inference only.
+
+What the kernels take, from sageattention/core.py (2.1.1+, and the 1.0.x Triton-only release):
+
+- ``tensor_layout="NHD"`` is the dispatcher's (batch, seq, heads, head_dim) layout; num_qo_heads must be a
+  multiple of num_kv_heads (GQA is native); fp16/bf16; ``sm_scale`` is honoured (default 1/sqrt(head_dim)).
+- There is no attn_mask, dropout or enable_gqa parameter, but every entry point takes ``**kwargs`` and drops them
+  without a word: a mask or dropout passed through would be silently ignored. So masked and dropout calls get a
+  reason here, never a call.
+- ``is_causal`` is "only applicable when qo_len == kv_len": other lengths get a reason.
+- Head dims: 2.x pads to 64 or 128 and raises above 128; 1.0.x asserts head_dim in {64, 96, 128} ({64, 128} for
+  varlen) and subtracts the key mean *in place* (``k -= km``), so the 1.0.x kernels get a copy of the key.
+- Architectures: ``sageattn`` picks a kernel by compute capability and raises on any it does not know (sm80, 86,
+  89, 90, 120 in 2.1.1); the CUDA kernels exist only if they were built for this GPU (``SM80/89/90_ENABLED``);
+  the Triton kernels are "currently not usable on sm120" (its own comment), so on 12.x the CUDA kernels get
+  ``qk_quant_gran="per_warp"`` as ``sageattn`` does.
+- No backward pass. Quantisation makes every kernel lossy: ``auto`` picks one only when lossy backends are allowed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from attnpatch import registry
+from attnpatch.backends import _kernels
+from attnpatch.backends._kernels import HALF, KernelFn
+from attnpatch.registry import MASK_KEY_PADDING, MASK_NONE, Backend, CallSpec, Capabilities, register
+
+# sageattn's own dispatch table in 2.1.1 (core.py): any other architecture raises ValueError inside the call.
+SAGEATTN_ARCHS = ((8, 0), (8, 6), (8, 9), (9, 0), (12, 0))
+V1_HEAD_DIMS = {"sageattn": (64, 96, 128), "sageattn_varlen": (64, 128)}
+
+# Measured against a float64 reference in SageAttention's papers: INT8 Q·K keeps ~99.9% cosine similarity, which
+# per element means errors of a few 1e-2. FP8 P·V adds to that.
+INT8_TOLERANCE = {torch.float16: (5e-2, 5e-2), torch.bfloat16: (6e-2, 6e-2)}
+FP8_TOLERANCE = {torch.float16: (8e-2, 8e-2), torch.bfloat16: (8e-2, 8e-2)}
+
+
+def _library() -> Any:
+    return _kernels.lib("sageattention")
+
+
+@_kernels.constant_for_compile
+def _major_version() -> int:
+    # From the distribution metadata when there is one (no import needed), else from the imported module. A
+    # constant for torch.compile, which cannot trace into importlib.metadata.
+    try:
+        version = importlib.metadata.version("sageattention")
+    except importlib.metadata.PackageNotFoundError:
+        version = getattr(sys.modules.get("sageattention"), "__version__", "2")
+    parts = registry._version_tuple(version)
+    return parts[0] if parts else 2
+
+
+def _mutates_key(library: Any) -> bool:
+    # 1.0.x has none of the 2.x CUDA entry points, and its sageattn/sageattn_varlen do `k -= km` in place.
+    return not hasattr(library, "sageattn_qk_int8_pv_fp16_cuda")
+
+
+def sage_kernel(function: str, library: Callable[[], Any] = _library, per_warp_on_sm12: bool = False) -> KernelFn:
+    """``library().<function>(q, k, v, tensor_layout="NHD", ...)`` as a dispatcher kernel."""
+
+    def sage(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+        scale: float | None,
+    ) -> torch.Tensor:
+        """SageAttention on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim), NHD."""
+        module = library()
+        query, key, value = (_kernels.last_dim_contiguous(t) for t in (query, key, value))
+        if _mutates_key(module):
+            key = key.clone()
+        extra: dict[str, Any] = {}
+        if per_warp_on_sm12 and _kernels.compute_capability(query.device.index)[0] == 12:
+            extra["qk_quant_gran"] = "per_warp"
+        return getattr(module, function)(
+            query, key, value, tensor_layout="NHD", is_causal=is_causal, sm_scale=scale, **extra
+        )
+
+    sage.__name__ = function
+    return sage
+
+
+def sage_varlen_kernel(library: Callable[[], Any] = _library) -> KernelFn:
+    """``sageattn_varlen`` serving key-padding masks (keys packed with cu_seqlens, queries kept)."""
+
+    def sage_varlen(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+        scale: float | None,
+    ) -> torch.Tensor:
+        """sageattn_varlen on packed keys; query (batch, seq_q, heads, head_dim) -> same layout out."""
+        module = library()
+        batch, seq_q = query.shape[0], query.shape[1]
+        query, key, value = (_kernels.last_dim_contiguous(t) for t in (query, key, value))
+        packed_key, packed_value, cu_seqlens_k = _kernels.pack_keys(key, value, attn_mask)
+        if _mutates_key(module):
+            packed_key = packed_key.clone()  # without a mask, packing is a view of the caller's key
+        out = module.sageattn_varlen(
+            query.flatten(0, 1),
+            packed_key,
+            packed_value,
+            _kernels.cu_seqlens(batch, seq_q, query.device),
+            cu_seqlens_k,
+            seq_q,
+            key.shape[1],
+            is_causal=is_causal,
+            sm_scale=scale,
+        )
+        return _kernels.varlen_output(out, batch, attn_mask)
+
+    return sage_varlen
+
+
+def sage_caps(masks: frozenset[str] = frozenset({MASK_NONE}), **overrides: Any) -> Capabilities:
+    """What every SageAttention kernel serves (shared with sage_hub)."""
+    fields: dict[str, Any] = {
+        "devices": frozenset({"cuda"}),
+        "dtypes": HALF,
+        "max_head_dim": 128,
+        "same_v_head_dim": True,
+        "masks": masks,
+        "dropout": False,
+        "backward": False,
+        "lossy": True,
+        "min_compute_capability": (8, 0),
+        "tolerance": INT8_TOLERANCE,
+        **overrides,
+    }
+    return Capabilities(**fields)
+
+
+def sage_check(
+    function: str,
+    *,
+    archs: tuple[tuple[int, int], ...] | None = None,
+    built: str | None = None,
+    triton: bool = False,
+    package: bool = True,
+) -> Callable[[CallSpec], list[str]]:
+    """Per-call reasons for one SageAttention entry point (see the module docstring for each rule's source).
+
+    ``package=False`` is for the Hub build (attnpatch/backends/hub.py): no import of, or version read from, the
+    ``sageattention`` package.
+    """
+
+    def check(call: CallSpec) -> list[str]:
+        reasons = _kernels.same_length_causal(call, "SageAttention")
+        if package:
+            reasons += _kernels.import_reasons("sageattention", call)
+        if reasons:
+            return reasons
+        v1 = package and _major_version() < 2
+        if v1 and function in V1_HEAD_DIMS and call.head_dim not in V1_HEAD_DIMS[function]:
+            dims = ", ".join(map(str, V1_HEAD_DIMS[function]))
+            reasons.append(
+                f"sageattention 1.x {function} takes head_dim {dims}, got {call.head_dim} "
+                "(sageattention>=2.1.1 pads any head_dim <= 128)"
+            )
+        if archs is not None and not v1:
+            reasons += _kernels.capability_in(call, archs, f"the architectures {function} dispatches to")
+        if triton and call.device_type == "cuda" and _kernels.compute_capability(call.device_index)[0] == 12:
+            reasons.append(
+                "SageAttention's Triton kernels are not usable on compute capability 12.x (per sageattention)"
+            )
+        if built is not None and package:
+            core = getattr(sys.modules.get("sageattention"), "core", None)
+            if core is not None and getattr(core, built, True) is False:
+                reasons.append(f"sageattention was built without the kernel {function} needs ({built} is False)")
+        return reasons
+
+    return check
+
+
+def _register(
+    name: str,
+    kernel: KernelFn,
+    caps: Capabilities,
+    check: Callable[[CallSpec], list[str]],
+    min_version: str,
+    description: str,
+    aliases: tuple[str, ...] = (),
+) -> None:
+    register(
+        Backend(
+            name,
+            _kernels.external(name, kernel),
+            family="sage",
+            caps=caps,
+            requires=_kernels.requires("sageattention", "sageattention", min_version),
+            check=check,
+            builtin=True,
+            description=description,
+        ),
+        aliases=aliases,
+    )
+
+
+_register(
+    "sage",
+    sage_kernel("sageattn"),
+    sage_caps(priority=70),
+    sage_check("sageattn", archs=SAGEATTN_ARCHS),
+    "1.0.0",
+    "sageattention.sageattn: picks the kernel for this GPU; INT8, lossy, no mask/dropout/backward",
+    aliases=("sage_attn", "sageattn", "sage_attention", "sageattention"),
+)
+_register(
+    "sage_varlen",
+    sage_varlen_kernel(),
+    sage_caps(frozenset({MASK_NONE, MASK_KEY_PADDING}), priority=62),
+    sage_check("sageattn_varlen", triton=True),
+    "1.0.0",
+    "sageattention.sageattn_varlen: key-padding masks as packed sequences; INT8 (Triton), lossy",
+    aliases=("sageattn_varlen", "sage_attn_varlen"),
+)
+_register(
+    "_sage_qk_int8_pv_fp8_cuda",
+    sage_kernel("sageattn_qk_int8_pv_fp8_cuda", per_warp_on_sm12=True),
+    sage_caps(min_compute_capability=(8, 9), tolerance=FP8_TOLERANCE, priority=67),
+    sage_check("sageattn_qk_int8_pv_fp8_cuda", built="SM89_ENABLED"),
+    "2.1.1",
+    "SageAttention2 INT8 QK + FP8 PV CUDA kernel (sm89+, the Ada kernel); lossy",
+)
+_register(
+    "_sage_qk_int8_pv_fp8_cuda_sm90",
+    sage_kernel("sageattn_qk_int8_pv_fp8_cuda_sm90"),
+    sage_caps(min_compute_capability=(9, 0), max_compute_capability=(9, 0), tolerance=FP8_TOLERANCE, priority=68),
+    sage_check("sageattn_qk_int8_pv_fp8_cuda_sm90", built="SM90_ENABLED"),
+    "2.1.1",
+    "SageAttention2 INT8 QK + FP8 PV CUDA kernel for Hopper (sm90 only); lossy",
+)
+_register(
+    "_sage_qk_int8_pv_fp16_cuda",
+    sage_kernel("sageattn_qk_int8_pv_fp16_cuda", per_warp_on_sm12=True),
+    sage_caps(priority=66),
+    sage_check("sageattn_qk_int8_pv_fp16_cuda", built="SM80_ENABLED"),
+    "2.1.1",
+    "SageAttention2 INT8 QK + FP16 PV CUDA kernel (sm80+); lossy",
+)
+_register(
+    "_sage_qk_int8_pv_fp16_triton",
+    sage_kernel("sageattn_qk_int8_pv_fp16_triton"),
+    sage_caps(priority=64),
+    sage_check("sageattn_qk_int8_pv_fp16_triton", triton=True),
+    "2.1.1",
+    "SageAttention INT8 QK + FP16 PV Triton kernel (sm80+); lossy",
+)
