@@ -1,0 +1,684 @@
+"""Route the attention of transformers models into the attnpatch dispatcher.
+
+Where transformers looks up its attention function, by version:
+
+- 5.1+: every attention layer asks ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
+  eager_attention_forward)`` on each call. We wrap ``AttentionInterface.get_interface`` so it hands back, for
+  the same implementation name, a router around the function it would have returned. The name is kept, so
+  transformers still builds the masks that implementation expects (a new name without its own mask function
+  silently drops padding and causal masks).
+- 4.48-5.0: layers read ``ALL_ATTENTION_FUNCTIONS[name]`` (a dict, later an ``AttentionInterface``) or, for
+  ``eager``, the global ``eager_attention_forward`` of their own modeling module at call time. We replace the
+  ``sdpa`` entry and each modeling module's ``eager_attention_forward``.
+- 4.46-4.47, and layers of any version that call ``F.scaled_dot_product_attention`` themselves (falcon, sam,
+  aimv2, the ``*SdpaAttention`` classes of 4.4x): each such method is wrapped in a scope of the SDPA redirect
+  (:mod:`attnpatch.patchers.sdpa`), which sends the SDPA calls made inside it to the dispatcher.
+- Eager layers before 4.48 (and T5-family layers before 5.15) compute attention inline: not routed.
+
+The modeling modules are patched by post-import hooks registered at install, before transformers binds them.
+
+The function contract (all versions)::
+
+    fn(module, query, key, value, attention_mask, *, dropout, scaling, is_causal=None, **kwargs)
+        query: (batch, heads, seq_q, head_dim); key/value: (batch, heads_kv, seq_kv, head_dim), not repeated
+        -> (out (batch, seq_q, heads, head_dim_v), attention weights or None)
+
+A router sends a call to the dispatcher only when the layer (``module``) carries a selection
+(``MODULE_ATTR``) or routing is process-wide (``state.route_all``); otherwise it calls the original function
+with the very same arguments. A call with something no backend can honour goes to the original function too,
+counted with its reason (``dispatch.note_passthrough``): logit soft-capping, attention sinks, varlen
+``cu_seq_lens``, a paged cache, ``head_mask``, extra positional arguments, a mask that is not a tensor, and
+implementations we do not route (flash_attention_*, flex_attention, paged, custom kernels). A T5-style
+``position_bias`` is folded into an additive mask, as transformers' own sdpa and eager functions do.
+
+The eager implementation returns attention weights. A layer loaded with ``attn_implementation="eager"`` is
+routed only while nobody asked for those weights (``output_attentions``, as a call argument or in the
+layer's config); then the router returns ``None`` for the weights, as ``sdpa`` does. When weights are
+requested the call runs transformers' own eager code, counted as a passthrough, so a user never gets fewer
+outputs than they asked for. Only eager functions that are plain softmax attention are routed: one that uses
+attention sinks or rescales its output (gpt-oss, granite swa, ...) runs as it is, with a reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import inspect
+import os
+import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from attnpatch import dispatch
+from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, sdpa, state
+
+AttentionFn = Callable[..., tuple[torch.Tensor, Any]]
+
+# The oldest transformers with an attention-function mapping (ALL_ATTENTION_FUNCTIONS) and the oldest we patch.
+MAPPING_VERSION = (4, 48)
+OLDEST_VERSION = (4, 46)
+# transformers < 4.53 makes an SDPA call causal when no mask is given, whatever the layer's `is_causal` says;
+# later versions ask the layer (`getattr(module, "is_causal", True)`).
+_LAYER_DECIDES_CAUSAL_VERSION = (4, 53)
+
+# Keyword arguments the original functions honour and no dispatcher backend can: a call that carries one
+# (not None) runs the original code. Anything else in **kwargs is ignored by the originals too.
+_PASSTHROUGH_KWARGS = {
+    "softcap": "attention logit soft-capping (softcap) is not served by attnpatch backends",
+    "s_aux": "attention sinks (s_aux) are not served by attnpatch backends",
+    "sinks": "attention sinks are not served by attnpatch backends",
+    "cu_seq_lens_q": "varlen attention (cu_seq_lens_q) is served by transformers' own kernel",
+    "cu_seq_lens_k": "varlen attention (cu_seq_lens_k) is served by transformers' own kernel",
+    "cache": "a paged KV cache (continuous batching) is updated inside transformers' attention function",
+    "head_mask": "head_mask (scaling the attention probabilities per head) is not served by attnpatch backends",
+}
+_PASSTHROUGH_NAMES = frozenset(_PASSTHROUGH_KWARGS)
+_WEIGHTS_REQUESTED = "attention weights requested (output_attentions=True): eager runs as loaded to return them"
+_POSITIONAL = "extra positional arguments to the attention function: not a call shape attnpatch knows"
+_NOT_A_TENSOR = "attention mask is not a tensor (block or custom mask): left to transformers"
+_BIAS_IGNORED = "position_bias given to an sdpa function that does not take one (transformers < 5.15)"
+
+# Names a plain softmax-attention eager function reads (matmul, optional repeat_kv / softcap / position bias /
+# head_mask, softmax, dropout). A function reading anything else (sinks, logsumexp, autocast, concatenated logits) does
+# more than softmax attention, and routing it would change its result.
+_PLAIN_EAGER_NAMES = frozenset(
+    {
+        "contiguous",
+        "dropout",
+        "dtype",
+        "float32",
+        "functional",
+        "getattr",
+        "hasattr",
+        "head_dim",
+        "matmul",
+        "ndim",
+        "nn",
+        "num_key_value_groups",
+        "repeat_kv",
+        "shape",
+        "size",
+        "softmax",
+        "tanh",
+        "to",
+        "torch",
+        "training",
+        "transpose",
+        "type",
+        "view",
+    }
+)
+_PLAIN_EAGER_PARAMS = frozenset(
+    {
+        "module",
+        "query",
+        "key",
+        "value",
+        "query_states",
+        "key_states",
+        "value_states",
+        "attention_mask",
+        "scaling",
+        "dropout",
+        "softcap",
+        "position_bias",
+        "sliding_window",
+        "head_mask",
+        "output_attentions",
+        "kwargs",
+    }
+)
+
+_lock = threading.RLock()
+_installed = False
+# (owner, attribute or mapping key, original, ours, is_mapping): everything we replaced, for uninstall().
+_patches: list[tuple[Any, str, Any, Any, bool]] = []
+# (original function, implementation name) -> router; the same router every time keeps function identity stable
+# (torch.compile guards on it, and `get_interface(...) is get_interface(...)` stays true).
+_routers: dict[tuple[Any, str], AttentionFn] = {}
+_hooked: set[str] = set()  # module names with a registered post-import hook (hooks cannot be unregistered)
+_ROUTER_ATTR = "__attnpatch_original__"
+
+
+def transformers_version() -> tuple[int, ...] | None:
+    """The installed transformers version as a tuple, without importing it; None when not installed."""
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    from attnpatch.registry import _version_tuple
+
+    return _version_tuple(version)
+
+
+# --------------------------------------------------------------------------------------------------- routing
+
+
+def _selection(module: Any) -> str | None:
+    # The instance dict, not getattr: a missing attribute on an nn.Module goes through Module.__getattr__ and
+    # an exception (~1 us), which every unmarked layer would pay on every call.
+    namespace = getattr(module, "__dict__", None)
+    return namespace.get(MODULE_ATTR) if namespace is not None else None
+
+
+def _site(module: Any) -> str | None:
+    namespace = getattr(module, "__dict__", None)
+    return namespace.get(SITE_ATTR) if namespace is not None else None
+
+
+def _refusal(attention_mask: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Why this call must run the original function, or None when the dispatcher can serve it."""
+    if args:
+        return _POSITIONAL
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            return _NOT_A_TENSOR
+        if attention_mask.dim() != 4:
+            # transformers' masks are (B|1, H|1, Sq, Skv); the dispatcher would read 2-D as key padding, SDPA as
+            # (Sq, Skv): rather than guess, let the original function read it.
+            return f"a {attention_mask.dim()}-D attention mask (transformers passes 4-D ones): left to transformers"
+    if _PASSTHROUGH_NAMES.isdisjoint(kwargs):  # the common call: none of those keywords at all
+        return None
+    for name, reason in _PASSTHROUGH_KWARGS.items():
+        if kwargs.get(name) is not None:
+            return reason
+    return None
+
+
+def _weights_requested(module: Any, kwargs: dict[str, Any]) -> bool:
+    # transformers resolves output_attentions the same way: the call argument wins, else the config says.
+    if "output_attentions" in kwargs:
+        return bool(kwargs["output_attentions"])
+    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
+
+
+def _route(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict[str, Any],
+    selection: str | None,
+    site: str | None,
+    eager: bool,
+    position_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, None]:
+    """Run one call on the dispatcher with the semantics of transformers' sdpa (or eager) function.
+
+    query (B, H, Sq, D), key/value (B, Hkv, Skv, D) -> (out (B, Sq, H, Dv) contiguous, None).
+    position_bias: an additive term on the scores (T5 relative positions), (B|1, H, Sq, Skv), or None.
+    """
+    dropout = kwargs.get("dropout", 0.0)
+    scaling = kwargs.get("scaling")
+    q_len = query.shape[2]
+    mask = attention_mask
+    if mask is not None and mask.shape[-1] > key.shape[2]:
+        mask = mask[..., : key.shape[2]]  # static caches hand over a mask as long as the whole cache
+    if eager:
+        # Eager code applies no causal flag (the mask carries causality) and drops out only in training.
+        causal = False
+        if not getattr(module, "training", False):
+            dropout = 0.0
+    else:
+        is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True) if _layer_decides_causal else True
+        # As in sdpa_attention_forward: the kernel flag only for a causal layer, with no mask, past decoding.
+        causal = q_len > 1 and mask is None and is_causal
+        if causal and key.shape[2] > q_len:
+            # A prefill into an empty static cache: the keys past q_len are never attended (top-left causal);
+            # cropping them gives the square call that flash kernels take, as transformers does.
+            key = key[:, :, :q_len]
+            value = value[:, :, :q_len]
+    if position_bias is not None:
+        # Folded into an additive mask, as each original does: eager adds it to the scores, sdpa (5.15+) builds
+        # the mask with create_position_bias_mask (and so do we, with its own function).
+        if causal and position_bias.shape[-1] > key.shape[2]:
+            position_bias = position_bias[..., : key.shape[2]]
+        if eager:
+            mask = position_bias if mask is None else position_bias + mask
+        else:
+            mask = _create_position_bias_mask(position_bias, mask, causal, query, key)
+            causal = False
+    args = (
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        mask,
+        dropout,
+        bool(causal),
+        scaling,
+        key.shape[1] != query.shape[1],
+        None,
+        dispatch.resolve(selection) if selection is not None else None,
+        site,
+    )
+    redirect = sdpa._local
+    depth = redirect.depth
+    if not depth:
+        out = dispatch.route(*args)
+    else:
+        # Inside an SDPA redirect scope (a layer that also calls F.sdpa itself): the native backend's own SDPA
+        # call must reach torch, not come back to the dispatcher a second time.
+        redirect.depth = 0
+        try:
+            out = dispatch.route(*args)
+        finally:
+            redirect.depth = depth
+    return out.contiguous(), None
+
+
+def _sdpa_router(original: AttentionFn) -> AttentionFn:
+    @functools.wraps(original)
+    def attnpatch_sdpa_attention(
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        selection = _selection(module)
+        if selection is None and not state.route_all:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        site = _site(module)
+        reason = _refusal(attention_mask, args, kwargs)
+        position_bias = kwargs.get("position_bias")
+        if reason is None and position_bias is not None and _create_position_bias_mask is None:
+            reason = _BIAS_IGNORED  # this version's sdpa drops the bias; only its own code drops it the same way
+        if reason is not None:
+            dispatch.note_passthrough(site, reason)
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        # sdpa never returns attention weights (it only warns about output_attentions), so routing loses none.
+        return _route(module, query, key, value, attention_mask, kwargs, selection, site, False, position_bias)
+
+    setattr(attnpatch_sdpa_attention, _ROUTER_ATTR, original)
+    return attnpatch_sdpa_attention
+
+
+def _eager_router(original: AttentionFn) -> AttentionFn:
+    # An eager function adds position_bias to the scores only if it names it; otherwise it lands in **kwargs.
+    takes_bias = "position_bias" in _parameters(original)
+
+    @functools.wraps(original)
+    def attnpatch_eager_attention(
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        selection = _selection(module)
+        if selection is None and not state.route_all:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        site = _site(module)
+        reason = _refusal(attention_mask, args, kwargs)
+        if reason is None and _weights_requested(module, kwargs):
+            reason = _WEIGHTS_REQUESTED
+        if reason is not None:
+            dispatch.note_passthrough(site, reason)
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        position_bias = kwargs.get("position_bias") if takes_bias else None
+        return _route(module, query, key, value, attention_mask, kwargs, selection, site, True, position_bias)
+
+    setattr(attnpatch_eager_attention, _ROUTER_ATTR, original)
+    return attnpatch_eager_attention
+
+
+def _passthrough_router(original: AttentionFn, reason: str) -> AttentionFn:
+    # Implementations we do not route (flash_attention_*, flex_attention, paged, kernels from the Hub, eager
+    # functions that are more than softmax attention) still count their calls on selected layers, so the
+    # report can say why a layer did not reach the chosen backend.
+    @functools.wraps(original)
+    def attnpatch_passthrough_attention(module: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        if _selection(module) is not None or state.route_all:
+            dispatch.note_passthrough(_site(module), reason)
+        return original(module, *args, **kwargs)
+
+    setattr(attnpatch_passthrough_attention, _ROUTER_ATTR, original)
+    return attnpatch_passthrough_attention
+
+
+def _plain_eager_refusal(fn: Callable[..., Any]) -> str | None:
+    """Why the eager function ``fn`` is not plain softmax attention (None when it is)."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    if code is None:
+        return f"eager attention function {_describe(fn)} is not Python code attnpatch can inspect"
+    extra = sorted(set(_code_names(code)) - _PLAIN_EAGER_NAMES)
+    unknown_params = sorted(set(_parameters(fn)) - _PLAIN_EAGER_PARAMS)
+    if extra or unknown_params:
+        what = ", ".join(extra + unknown_params)
+        return f"eager attention function {_describe(fn)} does more than softmax attention (uses {what})"
+    return None
+
+
+def _parameters(fn: Callable[..., Any]) -> tuple[str, ...]:
+    code = inspect.unwrap(fn).__code__
+    return code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+
+
+def _code_names(code: types.CodeType) -> list[str]:
+    # co_names of the function and of code nested in it (comprehensions are separate code objects).
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_code_names(const))
+    return names
+
+
+def _describe(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _router_for(fn: AttentionFn, implementation: str) -> AttentionFn:
+    """The router for ``fn`` serving ``implementation``, made once and then returned every time.
+
+    No lock: torch.compile cannot trace one, and two threads racing here make equal routers of which
+    ``setdefault`` keeps the first, so every caller still gets the same function.
+    """
+    router = _routers.get((fn, implementation))
+    if router is not None:
+        return router
+    if getattr(fn, _ROUTER_ATTR, None) is not None:
+        router = fn  # already one of ours (a copy bound before a previous install): never wrap twice
+    elif implementation == "sdpa" and fn is _stock_sdpa:
+        router = _sdpa_router(fn)
+    elif implementation == "eager":
+        refusal = _plain_eager_refusal(fn)
+        router = _eager_router(fn) if refusal is None else _passthrough_router(fn, refusal)
+    elif implementation == "sdpa":
+        router = _passthrough_router(
+            fn, f"attn_implementation='sdpa' is overridden by {_describe(fn)}: left as registered"
+        )
+    else:
+        router = _passthrough_router(
+            fn, f"attn_implementation={implementation!r} runs transformers' own kernel: not routed"
+        )
+    return _routers.setdefault((fn, implementation), router)
+
+
+# Set when transformers.modeling_utils is patched: the stock sdpa function (the one routers may route) and
+# whether an SDPA call without is_causal asks the layer (see _LAYER_DECIDES_CAUSAL_VERSION).
+_stock_sdpa: Any = None
+_create_position_bias_mask: Any = None  # transformers' own (5.15+), used to fold a position bias like its sdpa
+_layer_decides_causal = True
+# True where layers get even their eager function from get_interface (5.1+): nothing to patch per module.
+_eager_by_interface = True
+_redirect_acquired = False  # we hold the SDPA redirect (some imported layer calls F.sdpa itself)
+_SDPA_NAME = "scaled_dot_product_attention"
+
+
+# -------------------------------------------------------------------------------------------------- patching
+
+
+def _lookup(owner: Any, name: str, mapping: bool) -> Any:
+    if mapping:
+        return owner.get(name)
+    if isinstance(owner, type):
+        return owner.__dict__.get(name)  # the class's own attribute, not one inherited from a base
+    return getattr(owner, name, None)
+
+
+def _replace(owner: Any, name: str, new: Any, mapping: bool = False) -> None:
+    original = _lookup(owner, name, mapping)
+    _patches.append((owner, name, original, new, mapping))
+    if mapping:
+        owner[name] = new
+    else:
+        setattr(owner, name, new)
+
+
+def _patch_modeling_utils(modeling_utils: types.ModuleType) -> None:
+    """Post-import hook of transformers.modeling_utils: wrap the attention lookup of this version."""
+    global _layer_decides_causal, _stock_sdpa, _eager_by_interface, _create_position_bias_mask
+    with _lock:
+        if not _installed:
+            return
+        version = transformers_version() or ()
+        _layer_decides_causal = version >= _LAYER_DECIDES_CAUSAL_VERSION
+        sdpa_module = sys.modules.get("transformers.integrations.sdpa_attention")
+        _stock_sdpa = getattr(sdpa_module, "sdpa_attention_forward", None)
+        _create_position_bias_mask = getattr(sdpa_module, "create_position_bias_mask", None)
+        if _stock_sdpa is not None:
+            _router_for(_stock_sdpa, "sdpa")  # made now, not inside a compiled region on the first call
+        interface = getattr(modeling_utils, "AttentionInterface", None)
+        _eager_by_interface = interface is not None and "get_interface" in vars(interface)
+        if _eager_by_interface:
+            if not _is_patched(interface, "get_interface"):
+                _replace(interface, "get_interface", _get_interface_wrapper(interface.__dict__["get_interface"]))
+        elif getattr(modeling_utils, "ALL_ATTENTION_FUNCTIONS", None) is not None:
+            # 4.51-5.0: the class-wide mapping every AttentionInterface instance reads; 4.48-4.50: a plain dict.
+            functions = modeling_utils.ALL_ATTENTION_FUNCTIONS
+            mapping = getattr(interface, "_global_mapping", None) if interface is not None else functions
+            if mapping is not None and "sdpa" in mapping and not _is_patched(mapping, "sdpa", True):
+                _replace(mapping, "sdpa", _router_for(mapping["sdpa"], "sdpa"), mapping=True)
+        # 4.46-4.47 have no mapping at all: their *SdpaAttention layers call F.sdpa, like falcon or sam today.
+
+
+def _get_interface_wrapper(original: Callable[..., AttentionFn]) -> Callable[..., AttentionFn]:
+    @functools.wraps(original)
+    def get_interface(self: Any, attn_implementation: str, default: AttentionFn) -> AttentionFn:
+        fn = original(self, attn_implementation, default)
+        router = _routers.get((fn, attn_implementation))
+        return router if router is not None else _router_for(fn, attn_implementation)
+
+    setattr(get_interface, _ROUTER_ATTR, original)
+    return get_interface
+
+
+def _is_patched(owner: Any, name: str, mapping: bool = False) -> bool:
+    return any(o is owner and n == name and m == mapping for o, n, _, _, m in _patches)
+
+
+def _hook_modeling_modules() -> None:
+    # Two things live in the modeling modules themselves, looked up when a layer runs, so patching a module
+    # when it is imported (at once, if it already is) reaches every call: before 5.1 the global
+    # `eager_attention_forward` an eager layer calls, and in every version the layers that call
+    # F.scaled_dot_product_attention themselves. transformers imports each model lazily: package first, then
+    # its modeling module, which imports modeling_utils before defining its classes. So the hooks are chained
+    # by name from install(): models dir -> model package -> its modeling modules. (A hook registered from
+    # modeling_utils's own hook would find the model's module half-executed, classes not defined yet.)
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    for package_dir in spec.submodule_search_locations:
+        try:
+            models = os.listdir(os.path.join(package_dir, "models"))
+        except OSError:
+            continue
+        for model in models:
+            if model.isidentifier() and not model.startswith("_"):
+                _when_imported(f"transformers.models.{model}", _hook_model_package)
+
+
+def _hook_model_package(package: types.ModuleType) -> None:
+    if not _installed:
+        return
+    for directory in getattr(package, "__path__", ()):
+        try:
+            files = os.listdir(directory)
+        except OSError:
+            continue
+        for filename in files:
+            if filename.startswith("modeling_") and filename.endswith(".py"):
+                _when_imported(f"{package.__name__}.{filename[:-3]}", _patch_modeling_module)
+
+
+def _patch_modeling_module(module: types.ModuleType) -> None:
+    global _redirect_acquired
+    with _lock:
+        if not _installed:
+            return
+        fn = module.__dict__.get("eager_attention_forward")
+        if not _eager_by_interface and callable(fn) and getattr(fn, _ROUTER_ATTR, None) is None:
+            _replace(module, "eager_attention_forward", _router_for(fn, "eager"))
+        for cls in list(vars(module).values()):
+            if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and cls.__module__ == module.__name__):
+                continue
+            for name, member in list(vars(cls).items()):
+                if not isinstance(member, types.FunctionType) or getattr(member, _ROUTER_ATTR, None) is not None:
+                    continue
+                if _SDPA_NAME in _code_names(member.__code__):
+                    if not _redirect_acquired:
+                        sdpa.acquire()
+                        _redirect_acquired = True
+                    _replace(cls, name, _sdpa_scope(member))
+
+
+def _sdpa_scope(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a layer's method that calls F.scaled_dot_product_attention itself in a redirect scope.
+
+    Inside the scope (this thread, this call) the redirect of :mod:`attnpatch.patchers.sdpa` sends each SDPA
+    call to the dispatcher with the layer's selection; a call it cannot express there runs SDPA, counted.
+    """
+
+    @functools.wraps(method)
+    def attnpatch_sdpa_scope(self: Any, *args: Any, **kwargs: Any) -> Any:
+        selection = _selection(self)
+        if selection is None and not state.route_all:
+            return method(self, *args, **kwargs)
+        saved = dispatch.push_module(dispatch.resolve(selection) if selection is not None else None, _site(self))
+        depth = sdpa.enter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            sdpa.leave(depth)
+            dispatch.pop_module(saved)
+
+    setattr(attnpatch_sdpa_scope, _ROUTER_ATTR, method)
+    return attnpatch_sdpa_scope
+
+
+def _when_imported(name: str, hook: Callable[[types.ModuleType], None]) -> None:
+    # wrapt fires the hook at once when the module is already imported, else at the end of its import (before
+    # any `from module import name` in a consumer completes). Hooks are one-shot and cannot be removed, so
+    # each name is registered once per process and the hooks check `_installed` when they fire.
+    if name in _hooked:
+        module = sys.modules.get(name)
+        if module is not None:
+            hook(module)
+        return
+    import wrapt
+
+    _hooked.add(name)
+    wrapt.register_post_import_hook(hook, name)
+
+
+# ------------------------------------------------------------------------------------------- the contract
+
+
+def install() -> None:
+    """Wrap transformers' attention lookup now if it is imported, else as soon as it is. Idempotent.
+
+    Installing routes nothing by itself: a router sends a call to the dispatcher only for layers marked by
+    apply / set_attention_backend, or for every layer while ``state.route_all`` is set.
+    """
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        _installed = True
+    _when_imported("transformers.modeling_utils", _patch_modeling_utils)
+    _hook_modeling_modules()
+
+
+def uninstall() -> None:
+    """Put back every function and mapping entry we replaced (bitwise-identical results). Idempotent."""
+    global _installed, _redirect_acquired
+    with _lock:
+        _installed = False
+        while _patches:
+            owner, name, original, ours, mapping = _patches.pop()
+            if _lookup(owner, name, mapping) is not ours:
+                continue  # replaced again after us (another tool): leave theirs in place, as the SDPA redirect does
+            if mapping:
+                owner[name] = original
+            else:
+                setattr(owner, name, original)
+        if _redirect_acquired:
+            sdpa.release()
+            _redirect_acquired = False
+
+
+def installed() -> bool:
+    return _installed
+
+
+def attention_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The transformers attention layers inside ``root``: modules whose class calls an attention function.
+
+    A layer qualifies when a method of its class (or of a transformers base class) looks up transformers'
+    attention function (``ALL_ATTENTION_FUNCTIONS``, ``get_interface``, a module's ``eager_attention_forward``)
+    or calls ``F.scaled_dot_product_attention`` itself: exactly the calls the routers and the SDPA redirect
+    reach. Whole models (``PreTrainedModel``) are never attention layers themselves, and layers that compute
+    attention inline (matmul + softmax, as eager layers did before 4.48) are not named: nothing would route them.
+    """
+    found = [(name, module) for name, module in root.named_modules() if _is_attention_class(type(module))]
+    if _installed:
+        for cls in {type(module) for _, module in found}:
+            _prepare_eager_routers(cls)
+    return found
+
+
+def _prepare_eager_routers(cls: type) -> None:
+    # transformers 5 passes the modeling module's eager function as get_interface's default: make its router
+    # now, so a compiled first call finds it instead of building it inside the traced region.
+    for klass in cls.__mro__:
+        fn = getattr(sys.modules.get(klass.__module__), "eager_attention_forward", None)
+        if callable(fn) and getattr(fn, _ROUTER_ATTR, None) is None:
+            _router_for(fn, "eager")
+
+
+_ATTENTION_LOOKUPS = frozenset({"ALL_ATTENTION_FUNCTIONS", "get_interface", "eager_attention_forward", _SDPA_NAME})
+
+
+_attention_classes: dict[type, bool] = {}
+
+
+def _is_attention_class(cls: type) -> bool:
+    known = _attention_classes.get(cls)
+    if known is None:
+        known = _attention_classes.setdefault(cls, _calls_attention(cls))
+    return known
+
+
+def _calls_attention(cls: type) -> bool:
+    if not any(klass.__module__.startswith("transformers.") for klass in cls.__mro__):
+        return False
+    if any(klass.__module__ == "transformers.modeling_utils" for klass in cls.__mro__):
+        return False  # whole models (PreTrainedModel) look the mapping up too, to validate attn_implementation
+    for klass in cls.__mro__:
+        if klass is torch.nn.Module or klass is object:
+            break
+        for member in vars(klass).values():
+            if isinstance(member, staticmethod | classmethod):
+                member = member.__func__
+            code = getattr(inspect.unwrap(member), "__code__", None) if callable(member) else None
+            if code is not None and _ATTENTION_LOOKUPS.intersection(_code_names(code)):
+                return True
+    return False
+
+
+def unsupported() -> list[str]:
+    """Reasons the installed transformers cannot be (fully) patched; empty when everything is reached."""
+    version = transformers_version()
+    if version is None:
+        return []
+    shown = ".".join(str(v) for v in version)
+    if version < OLDEST_VERSION:
+        return [f"transformers {shown} is older than 4.46: not patched (pip install -U 'transformers>=4.46')"]
+    if version < MAPPING_VERSION:
+        return [
+            f"transformers {shown} computes eager attention inline in each layer: layers loaded with "
+            "attn_implementation='eager' are not routed (load the model with attn_implementation='sdpa')"
+        ]
+    return []
