@@ -7,7 +7,11 @@ so the interpreter-start hook and ``python -m attnpatch --help`` stay cheap.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+# `typing` costs ~10 ms to import at interpreter start; the startup hook imports this package, so keep it out.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 
