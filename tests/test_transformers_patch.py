@@ -132,6 +132,14 @@ CASES = [
         calls=2,
     ),
     Case(
+        "bert",
+        tm.bert,
+        _llama_inputs,
+        lambda out: out.last_hidden_state,
+        ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"],
+        calls=2,
+    ),
+    Case(
         "clip_text",
         tm.clip_text,
         _clip_inputs,

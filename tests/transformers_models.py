@@ -47,6 +47,21 @@ def llama(attn_implementation: str = "sdpa") -> torch.nn.Module:
     return _build(LlamaForCausalLM, LlamaConfig(**_DECODER, attn_implementation=attn_implementation))
 
 
+def bert(attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """BERT: bidirectional, padding mask. Its 4.5x SDPA layer calls F.sdpa from a decorated forward."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        attn_implementation=attn_implementation,
+    )
+    return _build(BertModel, config)
+
+
 def gemma2(softcap: float | None = 50.0, attn_implementation: str = "eager") -> torch.nn.Module:
     """Gemma2 (soft-capped attention logits by default). transformers 5 runs it eager only."""
     from transformers import Gemma2Config, Gemma2ForCausalLM

@@ -527,7 +527,8 @@ def _patch_modeling_module(module: types.ModuleType) -> None:
             for name, member in list(vars(cls).items()):
                 if not isinstance(member, types.FunctionType) or getattr(member, _ROUTER_ATTR, None) is not None:
                     continue
-                if _SDPA_NAME in _code_names(member.__code__):
+                # unwrap: decorators such as @deprecate_kwarg hide the code that makes the call
+                if _SDPA_NAME in _code_names(inspect.unwrap(member).__code__):
                     if not _redirect_acquired:
                         sdpa.acquire()
                         _redirect_acquired = True
