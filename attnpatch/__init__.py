@@ -23,26 +23,26 @@ _EXPORTS = {
     "CheckFailed": "attnpatch.errors",
     "UnknownBackendError": "attnpatch.errors",
     "UnsupportedCall": "attnpatch.errors",
-    "Capabilities": "attnpatch.registry",
-    "get_backend": "attnpatch.registry",
-    "list_backends": "attnpatch.registry",
-    "register_backend": "attnpatch.registry",
-    "unregister_backend": "attnpatch.registry",
+    "Capabilities": "attnpatch.core.capabilities",
+    "get_backend": "attnpatch.core.registry",
+    "list_backends": "attnpatch.core.registry",
+    "register_backend": "attnpatch.core.registry",
+    "unregister_backend": "attnpatch.core.registry",
     "apply": "attnpatch.api",
     "install": "attnpatch.api",
     "reset_attention_backend": "attnpatch.api",
     "set_attention_backend": "attnpatch.api",
     "unapply": "attnpatch.api",
     "uninstall": "attnpatch.api",
-    "attention_backend": "attnpatch.dispatch",
-    "current_backend": "attnpatch.dispatch",
-    "dispatch_attention": "attnpatch.dispatch",
-    "fallback_counts": "attnpatch.dispatch",
-    "get_default_backend": "attnpatch.dispatch",
-    "set_allow_lossy": "attnpatch.dispatch",
-    "set_checks": "attnpatch.dispatch",
-    "set_default_backend": "attnpatch.dispatch",
-    "set_strict": "attnpatch.dispatch",
+    "attention_backend": "attnpatch.core.selection",
+    "current_backend": "attnpatch.core.selection",
+    "dispatch_attention": "attnpatch.core.dispatch",
+    "fallback_counts": "attnpatch.core.dispatch",
+    "get_default_backend": "attnpatch.core.selection",
+    "set_allow_lossy": "attnpatch.core.selection",
+    "set_checks": "attnpatch.core.selection",
+    "set_default_backend": "attnpatch.core.selection",
+    "set_strict": "attnpatch.core.selection",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -63,11 +63,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from attnpatch.api import apply, install, reset_attention_backend, set_attention_backend, unapply, uninstall
-    from attnpatch.dispatch import (
+    from attnpatch.core.capabilities import Capabilities
+    from attnpatch.core.dispatch import dispatch_attention, fallback_counts
+    from attnpatch.core.registry import get_backend, list_backends, register_backend, unregister_backend
+    from attnpatch.core.selection import (
         attention_backend,
         current_backend,
-        dispatch_attention,
-        fallback_counts,
         get_default_backend,
         set_allow_lossy,
         set_checks,
@@ -82,4 +83,3 @@ if TYPE_CHECKING:
         UnknownBackendError,
         UnsupportedCall,
     )
-    from attnpatch.registry import Capabilities, get_backend, list_backends, register_backend, unregister_backend

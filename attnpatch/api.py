@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
-from attnpatch import dispatch, env
+from attnpatch import env
+from attnpatch.core import selection
 from attnpatch.errors import AttnpatchError, AttnpatchWarning
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, state
 
@@ -135,23 +136,23 @@ def install(backend: str | None = None, *, strict: bool | None = None, checks: b
     global _process_wide
     if env.disabled():
         return
-    chain = dispatch.resolve(backend) if backend is not None else None
+    chain = selection.resolve(backend) if backend is not None else None
     patchers = _available_patchers()
     with _lock:
         if _process_wide is None:
             _process_wide = {
-                "default": dispatch.get_default_backend(),
-                "strict": dispatch._strict,
-                "checks": dispatch._checks,
+                "default": selection.get_default_backend(),
+                "strict": selection.strict(),
+                "checks": selection.checks(),
             }
         _install_patchers(patchers)
         state.route_all = True
         if chain is not None:
-            dispatch.set_default_backend(chain.spec)
+            selection.set_default_backend(chain.spec)
         if strict is not None:
-            dispatch.set_strict(strict)
+            selection.set_strict(strict)
         if checks is not None:
-            dispatch.set_checks(checks)
+            selection.set_checks(checks)
 
 
 def uninstall() -> None:
@@ -161,9 +162,9 @@ def uninstall() -> None:
         saved, _process_wide = _process_wide, None
         state.route_all = False
         if saved is not None:
-            dispatch.set_default_backend(saved["default"])
-            dispatch.set_strict(saved["strict"])
-            dispatch.set_checks(saved["checks"])
+            selection.set_default_backend(saved["default"])
+            selection.set_strict(saved["strict"])
+            selection.set_checks(saved["checks"])
         _uninstall_if_unused()
 
 
@@ -249,21 +250,21 @@ def _find_layers(roots: list[tuple[str, Any]], patchers: list[ModuleType]) -> li
 def _validate_selection(backend: Any) -> dict[str, str | None]:
     """{pattern: selection spec} (one "*" pattern for a plain selection); raises before anything changes."""
     if isinstance(backend, str):
-        return {"*": dispatch.resolve(backend).spec}
+        return {"*": selection.resolve(backend).spec}
     if isinstance(backend, Mapping):
         if not backend:
             raise ValueError("backend mapping is empty: give at least one 'pattern': 'backend' entry")
         selections: dict[str, str | None] = {}
-        for pattern, selection in backend.items():
+        for pattern, value in backend.items():
             if not isinstance(pattern, str):
                 raise TypeError(f"backend mapping keys are glob patterns (str), got {pattern!r}")
-            if selection is None:
+            if value is None:
                 selections[pattern] = None
-            elif isinstance(selection, str):
-                selections[pattern] = dispatch.resolve(selection).spec
+            elif isinstance(value, str):
+                selections[pattern] = selection.resolve(value).spec
             else:
                 raise TypeError(
-                    f"backend mapping value for {pattern!r} must be a backend string or None, got {selection!r}"
+                    f"backend mapping value for {pattern!r} must be a backend string or None, got {value!r}"
                 )
         return selections
     raise TypeError(

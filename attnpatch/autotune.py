@@ -4,7 +4,7 @@ Turn it on with ``python -m attnpatch script.py --backend auto --autotune``, ``A
 ``attnpatch.autotune.enable()``. Without it, ``auto`` takes the first candidate in the priority order the
 backends declare.
 
-What is tuned: the first call of each *kind* picks among :func:`attnpatch.dispatch.auto_candidates` (available,
+What is tuned: the first call of each *kind* picks among :func:`attnpatch.core.dispatch.auto_candidates` (available,
 able to serve the call, not lossy unless allowed). A kind is (device, dtype, shape bucket, mask kind, causal,
 dropout, grad) where the shape bucket keeps batch, heads, head dims and rounds each sequence length up to a power
 of two. Each candidate runs on the call's own tensors once to warm up (compiled kernels compile here), then is
@@ -28,23 +28,22 @@ Cache file schema ``attnpatch.autotune/1``::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import inspect
 import json
 import os
 import platform
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attnpatch import dispatch, env, registry
-from attnpatch.registry import Backend, CallSpec
+from attnpatch import env
+from attnpatch.core import hooks
+from attnpatch.core.call import CallSpec, dtype_name
+from attnpatch.core.registry import Backend
 
 SCHEMA = "attnpatch.autotune/1"
 _WARMUP = 1
@@ -66,15 +65,15 @@ def enable(*, disk: bool = True, progress: bool = True) -> None:
     """
     global _enabled, _use_disk, _progress
     _use_disk, _progress = disk, progress
-    dispatch._auto_chooser = choose
+    hooks.set_auto_chooser(choose)
     _enabled = True
 
 
 def disable() -> None:
     """``auto`` goes back to the priority order; the in-memory cache is dropped (the disk cache stays)."""
     global _enabled
-    if dispatch._auto_chooser is choose:
-        dispatch._auto_chooser = None
+    if hooks.auto_chooser() is choose:
+        hooks.set_auto_chooser(None)
     _enabled = False
     with _lock:
         _memory.clear()
@@ -128,7 +127,7 @@ def _pow2(n: int) -> int:
 def kind_of(call: CallSpec, batch: int) -> str:
     """The cache key of a call: device, dtype, shape bucket, mask kind and flags (CallSpec has no batch size)."""
     return (
-        f"{call.device_type} {registry.dtype_name(call.dtype)} b{_pow2(batch)} h{call.heads_q}/{call.heads_kv}"
+        f"{call.device_type} {dtype_name(call.dtype)} b{_pow2(batch)} h{call.heads_q}/{call.heads_kv}"
         f" d{call.head_dim}/{call.head_dim_v} s{_pow2(call.seq_q)}x{_pow2(call.seq_kv)} mask={call.mask_kind}"
         + (" causal" if call.is_causal else "")
         + (" dropout" if call.dropout else "")
@@ -137,7 +136,7 @@ def kind_of(call: CallSpec, batch: int) -> str:
 
 
 def choose(call: CallSpec, candidates: list[Backend], args: tuple[Any, ...]) -> Backend:
-    """The dispatcher's ``_auto_chooser``: the cached or freshly timed fastest of ``candidates``."""
+    """The dispatcher's auto chooser (see attnpatch.core.hooks): the cached or freshly timed fastest candidate."""
     query = args[0]
     kind = kind_of(call, query.shape[0])
     names = [b.name for b in candidates]
@@ -159,11 +158,11 @@ def _lookup(kind: str, device: torch.device) -> dict[str, Any] | None:
     path = cache_file(device)
     if path not in _loaded:
         _loaded.add(path)
-        _memory.update(_read(path).get("entries", {}))
+        _memory.update(read_cache(path).get("entries", {}))
     return _memory.get(kind)
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_cache(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -205,7 +204,7 @@ def time_backends(backends: list[Backend], args: tuple[Any, ...]) -> tuple[dict[
     fns = {}
     errors: dict[str, str] = {}
     for backend in backends:
-        fn = inspect.unwrap(backend.fn)
+        fn = backend.fn
         try:
             for _ in range(_WARMUP):
                 fn(*args)
@@ -241,7 +240,7 @@ def time_call(fn: Any, args: tuple[Any, ...]) -> float:
 def _save(device: torch.device, kind: str, entry: dict[str, Any]) -> Path | None:
     # Merge with what another process may have written meanwhile, then replace the file atomically.
     path = cache_file(device)
-    data = _read(path)
+    data = read_cache(path)
     entries = data.get("entries", {}) if data else {}
     entries[kind] = entry
     payload = {"schema": SCHEMA, "env": environment(device), "entries": entries}
@@ -261,41 +260,3 @@ def _save(device: torch.device, kind: str, entry: dict[str, Any]) -> Path | None
 def _say(text: str, end: str = "\n") -> None:
     if _progress:
         print(text, end=end, file=sys.stderr, flush=True)
-
-
-def cache_main(argv: Sequence[str]) -> int:
-    """``python -m attnpatch cache show|clear|dir``: look at or delete the autotune cache."""
-    parser = argparse.ArgumentParser(
-        prog="python -m attnpatch cache",
-        description="Show or clear the autotune cache (" + "ATTNPATCH_CACHE_DIR overrides its folder).",
-    )
-    parser.add_argument("action", choices=["show", "clear", "dir"], help="show entries, delete them, print the folder")
-    parser.add_argument("--json", action="store_true", help="show: print the cache files as JSON")
-    opts = parser.parse_args(list(argv))
-    folder = cache_dir()
-    files = sorted(folder.glob("autotune-*.json")) if folder.is_dir() else []
-    if opts.action == "dir":
-        print(folder)
-        return 0
-    if opts.action == "clear":
-        for path in files:
-            path.unlink(missing_ok=True)
-        print(f"removed {len(files)} autotune cache file{'s' * (len(files) != 1)} from {folder}")
-        return 0
-    contents = {str(path): _read(path) for path in files}
-    if opts.json:
-        print(json.dumps(contents, indent=2))
-        return 0
-    if not files:
-        print(f"autotune cache is empty ({folder})")
-        return 0
-    for name, data in contents.items():
-        versions = data.get("env", {})
-        entries = data.get("entries", {})
-        print(name)
-        print(f"  attnpatch {versions.get('attnpatch')}, torch {versions.get('torch')}, {versions.get('device')}")
-        width = max((len(k) for k in entries), default=0)
-        for kind, entry in sorted(entries.items()):
-            times = ", ".join(f"{n} {t:g} ms" for n, t in sorted(entry.get("times_ms", {}).items(), key=lambda i: i[1]))
-            print(f"  {kind:<{width}}  -> {entry.get('backend')}  ({times})")
-    return 0

@@ -62,11 +62,12 @@ from typing import Any, TextIO
 
 import torch
 
-from attnpatch import dispatch, masks, registry
+from attnpatch.core import dispatch, hooks, masks
+from attnpatch.core.call import dtype_name
 from attnpatch.errors import AttnpatchError
 
 SCHEMA = "attnpatch.report/1"
-DIRECT = "<direct>"
+DIRECT = hooks.DIRECT
 
 # A path value that only means "on" (ATTNPATCH_REPORT=1): print the table, write no file.
 _ON_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -98,10 +99,6 @@ class _State:
 
 _state: _State | None = None
 _atexit_registered = False
-# Backend functions wrapped for timing: backend -> original fn, restored by disable().
-_timed: dict[registry.Backend, Callable[..., torch.Tensor]] = {}
-_elapsed = threading.local()
-_listening = False
 
 
 def enable(path: str | os.PathLike[str] | None = None, *, timing: bool = False, stream: TextIO | None = None) -> None:
@@ -119,8 +116,8 @@ def enable(path: str | os.PathLike[str] | None = None, *, timing: bool = False, 
     disable()
     _state = _State(target, timing, stream)
     if timing:
-        _wrap_for_timing()
-    dispatch.add_observer(_observe)
+        hooks.set_call_timer(_timed_call)
+    hooks.add_observer(_observe)
     if not _atexit_registered:
         atexit.register(_at_exit)
         _atexit_registered = True
@@ -129,8 +126,9 @@ def enable(path: str | os.PathLike[str] | None = None, *, timing: bool = False, 
 def disable() -> None:
     """Stop collecting (the dispatcher is back on its fast path); what was collected is dropped."""
     global _state
-    dispatch.remove_observer(_observe)
-    _unwrap_timing()
+    hooks.remove_observer(_observe)
+    if hooks.call_timer() is _timed_call:
+        hooks.set_call_timer(None)
     _state = None
 
 
@@ -177,11 +175,11 @@ def check_path(
     return target
 
 
-def _observe(record: dispatch.CallRecord) -> None:
+def _observe(record: hooks.CallRecord) -> None:
     state = _state
     if state is None:
         return
-    seconds = getattr(_elapsed, "seconds", None) if state.timing else None
+    seconds = record.seconds if state.timing else None
     site_name = record.site or DIRECT
     shape_key = (tuple(record.query.shape), tuple(record.key.shape), masks.kind_of(record.attn_mask), record.is_causal)
     with state.lock:
@@ -197,49 +195,22 @@ def _observe(record: dispatch.CallRecord) -> None:
             for reason in reasons:
                 site.fallbacks[(backend, reason, record.served)] += 1
         site.shapes[shape_key] += 1
-        site.dtypes[registry.dtype_name(record.query.dtype)] += 1
+        site.dtypes[dtype_name(record.query.dtype)] += 1
         if seconds is not None:
             site.seconds += seconds
-    if seconds is not None:
-        _elapsed.seconds = None
 
 
-def _wrap_for_timing() -> None:
-    # The dispatcher has no hook before a call, so timing wraps each backend's function (and those registered
-    # later); verify and bench call backends through inspect.unwrap, which sees through this wrapper.
-    global _listening
-    if not _listening:
-        registry.on_change(lambda: _wrap_for_timing() if _state is not None and _state.timing else None)
-        _listening = True
-    for backend in registry.list_backends():
-        if backend in _timed:
-            continue
-        original = backend.fn
-        backend.fn = _timed_fn(original)
-        _timed[backend] = original
-
-
-def _timed_fn(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def timed(query: torch.Tensor, *args: Any) -> torch.Tensor:
-        cuda = query.is_cuda
-        if cuda:
-            torch.cuda.synchronize(query.device)
-        start = time.perf_counter()
-        out = fn(query, *args)
-        if cuda:
-            torch.cuda.synchronize(query.device)
-        _elapsed.seconds = time.perf_counter() - start
-        return out
-
-    timed.__wrapped__ = fn  # type: ignore[attr-defined]
-    timed.__name__ = getattr(fn, "__name__", "backend")
-    return timed
-
-
-def _unwrap_timing() -> None:
-    for backend, original in _timed.items():
-        backend.fn = original
-    _timed.clear()
+def _timed_call(fn: Callable[..., torch.Tensor], args: tuple[Any, ...]) -> tuple[torch.Tensor, float]:
+    # The dispatcher's call timer (attnpatch.core.hooks): the backend call alone, GPU work included.
+    query = args[0]
+    cuda = query.is_cuda
+    if cuda:
+        torch.cuda.synchronize(query.device)
+    start = time.perf_counter()
+    out = fn(*args)
+    if cuda:
+        torch.cuda.synchronize(query.device)
+    return out, time.perf_counter() - start
 
 
 def snapshot() -> dict[str, Any]:
@@ -300,11 +271,19 @@ def snapshot() -> dict[str, Any]:
     }
 
 
+_verify_source: Callable[[], list[dict[str, Any]]] | None = None
+
+
+def set_verify_source(source: Callable[[], list[dict[str, Any]]] | None) -> None:
+    """Where the verify columns come from (attnpatch.verify sets its ``site_summary`` while it is enabled)."""
+    global _verify_source
+    _verify_source = source
+
+
 def _verify_rows() -> dict[str, dict[str, Any]]:
-    verify = sys.modules.get("attnpatch.verify")
-    if verify is None or not verify.enabled():
+    if _verify_source is None:
         return {}
-    return {row["site"]: {k: v for k, v in row.items() if k != "site"} for row in verify.site_summary()}
+    return {row["site"]: {k: v for k, v in row.items() if k != "site"} for row in _verify_source()}
 
 
 def _version() -> str:

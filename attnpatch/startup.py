@@ -11,7 +11,7 @@ verify and autotune features whose variables are set. When:
 
 - Normally at the first import of diffusers or transformers, just before the library's first line runs (so the
   patchers' post-import hooks are in place before any of its modules binds a name), or just after the first
-  import of ``attnpatch.dispatch`` (a script calling the dispatcher itself gets ATTNPATCH_BACKEND as its
+  import of ``attnpatch.core.dispatch`` (a script calling the dispatcher itself gets ATTNPATCH_BACKEND as its
   default). Until then only a small ``sys.meta_path`` entry waits, importing neither torch nor wrapt: a process
   that never imports those libraries pays a few milliseconds, not the ~1 s of importing torch.
 - The backend name is checked at that moment. The valid names come from the backend registry, which needs
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 # The first import of one of these activates attnpatch just before the module's first line runs.
 BEFORE = frozenset({"diffusers", "transformers"})
 # ... or just after this one is imported (activation imports it itself, so it cannot come first).
-AFTER = "attnpatch.dispatch"
+AFTER = "attnpatch.core.dispatch"
 
 UNPATCHED = "running unpatched"
 
@@ -206,7 +206,7 @@ def active() -> Settings | None:
 
 
 def pending() -> Settings | None:
-    """The settings waiting for the first import of diffusers, transformers or attnpatch.dispatch."""
+    """The settings waiting for the first import of diffusers, transformers or attnpatch.core.dispatch."""
     return _pending
 
 
@@ -254,11 +254,11 @@ def _fire() -> None:
 
 def _backend_problem(settings: Settings) -> str | None:
     """None when the backend selection resolves, else one line naming the value and the valid choices."""
-    from attnpatch import dispatch  # imports torch
+    from attnpatch.core import selection  # imports torch
     from attnpatch.errors import UnknownBackendError
 
     try:
-        dispatch.resolve(settings.backend)  # type: ignore[arg-type]
+        selection.resolve(settings.backend)  # type: ignore[arg-type]
     except UnknownBackendError as exc:
         return f"{settings.label('backend')}={settings.backend!r}: {exc}"
     return None
@@ -375,6 +375,11 @@ class _ActivateAfter:
 
 
 _hook: _ImportHook | None = None
+
+
+def is_own_finder(finder: object) -> bool:
+    """Whether ``finder`` (a ``sys.meta_path`` entry) is the activation hook this module put there."""
+    return isinstance(finder, _ImportHook)
 
 
 def _initializing(name: str) -> bool:

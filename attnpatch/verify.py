@@ -27,17 +27,17 @@ Cost: one float64 attention per checked call; with the default sampling that is 
 from __future__ import annotations
 
 import atexit
-import inspect
 import sys
 import threading
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from attnpatch import dispatch, masks, registry
+from attnpatch import report
+from attnpatch.core import hooks, masks, registry
+from attnpatch.core.call import dtype_name
 from attnpatch.errors import AttnpatchError, AttnpatchWarning
 from attnpatch.report import DIRECT, align
 
@@ -83,10 +83,8 @@ _lock = threading.Lock()
 _seen: dict[tuple[Any, ...], int] = {}
 _checks: list[Check] = []
 _actions: dict[str, str] = {}  # site -> what was done ("warned", "moved to native", "raised")
-# site -> the chain its calls use instead of their own (verify-action=fallback)
-_overrides: dict[str, dispatch.Chain] = {}
-_pending = threading.local()  # .output: the corrected output of the call being observed
-_original_route_slow: Callable[..., torch.Tensor] | None = None
+# site -> the backend its calls use instead of their own (verify-action=fallback), set as a site override
+_overrides: dict[str, str] = {}
 _atexit_registered = False
 
 
@@ -125,16 +123,12 @@ def enable(every: int | str | None = 1, action: str | None = "warn") -> None:
 
     Calling enable again restarts verification with the new settings.
     """
-    global _settings, _atexit_registered, _original_route_slow
+    global _settings, _atexit_registered
     settings = _Settings(parse_every(every), parse_action(action))
     disable()
     _settings = settings
-    dispatch.add_observer(_observe)
-    if _original_route_slow is None:
-        # Interim hook until the dispatcher has per-site overrides of its own: route() looks _route_slow up as
-        # a module global on every slow-path call (always taken while an observer is registered).
-        _original_route_slow = dispatch._route_slow
-        dispatch._route_slow = _route_slow_with_overrides  # type: ignore[assignment]
+    hooks.add_observer(_observe)
+    report.set_verify_source(site_summary)
     if not _atexit_registered:
         atexit.register(_at_exit)
         _atexit_registered = True
@@ -142,16 +136,16 @@ def enable(every: int | str | None = 1, action: str | None = "warn") -> None:
 
 def disable() -> None:
     """Stop verifying; modules moved to native go back to their own backend; results are dropped."""
-    global _settings, _original_route_slow
-    dispatch.remove_observer(_observe)
-    if _original_route_slow is not None:
-        dispatch._route_slow = _original_route_slow
-        _original_route_slow = None
+    global _settings
+    hooks.remove_observer(_observe)
+    report.set_verify_source(None)
     _settings = None
     with _lock:
         _seen.clear()
         _checks.clear()
         _actions.clear()
+        for site in _overrides:
+            hooks.set_site_override(site, None)
         _overrides.clear()
 
 
@@ -167,7 +161,7 @@ def results() -> list[Check]:
 
 def overridden() -> dict[str, str]:
     """Modules moved to another backend by verify-action=fallback: site -> backend."""
-    return {site: ",".join(chain.names) for site, chain in _overrides.items()}
+    return dict(_overrides)
 
 
 def site_summary() -> list[dict[str, Any]]:
@@ -222,7 +216,7 @@ def reference(
     if is_causal:
         keep = masks.causal(q.shape[1], k.shape[1], device)
         mask = keep[None, None] if mask is None else masks.fold_causal(mask, masks.kind_of(mask), *keep.shape)[0]
-    math = inspect.unwrap(registry.get_backend("_native_math").fn)
+    math = registry.get_backend("_native_math").fn
     batch, seq_q, heads, _ = q.shape
     rows = max(1, _CHUNK_BYTES // max(1, batch * heads * k.shape[1] * 8 * 3))
     if rows >= seq_q:
@@ -247,10 +241,10 @@ def compare(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> t
     return max_abs, max_rel, worst
 
 
-def _observe(record: dispatch.CallRecord) -> None:
+def _observe(record: hooks.CallRecord) -> torch.Tensor | None:
     settings = _settings
     if settings is None or record.dropout_p > 0.0:
-        return
+        return None
     site = record.site or DIRECT
     mask_kind = masks.kind_of(record.attn_mask)
     sample_key = (
@@ -266,7 +260,7 @@ def _observe(record: dispatch.CallRecord) -> None:
         seen = _seen.get(sample_key, 0)
         _seen[sample_key] = seen + 1
     if (seen > 0 and settings.every == 1) or seen % settings.every:
-        return
+        return None
     backend = registry.get_backend(record.served)
     atol, rtol = backend.caps.tolerance_for(record.query.dtype)
     with torch.no_grad():
@@ -277,7 +271,7 @@ def _observe(record: dispatch.CallRecord) -> None:
         backend=record.served,
         query=tuple(record.query.shape),
         key=tuple(record.key.shape),
-        dtype=registry.dtype_name(record.query.dtype),
+        dtype=dtype_name(record.query.dtype),
         mask=mask_kind,
         causal=record.is_causal,
         max_abs=max_abs,
@@ -288,11 +282,10 @@ def _observe(record: dispatch.CallRecord) -> None:
     )
     with _lock:
         _checks.append(check)
-    if not check.ok:
-        _act(settings.action, check, record, ref)
+    return None if check.ok else _act(settings.action, check, record, ref)
 
 
-def _act(action: str, check: Check, record: dispatch.CallRecord, ref: torch.Tensor) -> None:
+def _act(action: str, check: Check, record: hooks.CallRecord, ref: torch.Tensor) -> torch.Tensor | None:
     what = (
         f"attnpatch verify: {check.site} on {check.backend!r} differs from the float64 reference by "
         f"{check.max_abs:.3g} (max abs, {check.max_rel:.2%} of max |ref|; {check.worst:.3g}x the {check.dtype} "
@@ -304,9 +297,10 @@ def _act(action: str, check: Check, record: dispatch.CallRecord, ref: torch.Tens
     if action == "fallback" and check.backend != "native":
         with _lock:
             first = check.site not in _overrides
-            _overrides[check.site] = _native_for(record.requested)
+            _overrides[check.site] = "native"
             _actions[check.site] = "moved to native"
-        _pending.output = ref.to(device=record.output.device, dtype=record.output.dtype)
+        hooks.set_site_override(check.site, "native")
+        fixed = ref.to(device=record.output.device, dtype=record.output.dtype)
         if first:
             warnings.warn(
                 what + "; this call's output was replaced by the reference and the module runs on 'native' for the "
@@ -314,7 +308,7 @@ def _act(action: str, check: Check, record: dispatch.CallRecord, ref: torch.Tens
                 AttnpatchWarning,
                 stacklevel=_user_stacklevel(),
             )
-        return
+        return fixed
     with _lock:
         first = check.site not in _actions
         _actions.setdefault(check.site, "warned")
@@ -325,6 +319,7 @@ def _act(action: str, check: Check, record: dispatch.CallRecord, ref: torch.Tens
             AttnpatchWarning,
             stacklevel=_user_stacklevel(),
         )
+    return None
 
 
 def _user_stacklevel() -> int:
@@ -339,24 +334,6 @@ def _user_stacklevel() -> int:
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     return 1
-
-
-def _native_for(requested: str) -> dispatch.Chain:
-    # Keep the requested spec so the report still says what was asked for; only the members change.
-    native = registry.get_backend("native")
-    return dispatch.Chain(spec=requested, members=(native,), implicit_native=False, fast=native)
-
-
-def _route_slow_with_overrides(chain: dispatch.Chain, *args: Any) -> torch.Tensor:
-    site = args[-1] or dispatch._local.site or DIRECT
-    override = _overrides.get(site) if _overrides else None
-    assert _original_route_slow is not None
-    out = _original_route_slow(override or chain, *args)
-    fixed = getattr(_pending, "output", None)
-    if fixed is not None:
-        _pending.output = None
-        return fixed
-    return out
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -394,8 +371,7 @@ def summary() -> dict[str, Any]:
 
 
 def _at_exit() -> None:
-    report = sys.modules.get("attnpatch.report")
-    if _settings is None or (report is not None and report.enabled()):
+    if _settings is None or report.enabled():
         return  # the report shows the verify columns
     try:
         print(format_table(site_summary()), file=sys.stderr)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 def measure(models: Sequence[str], rounds: int, steps: int, tokens: int) -> dict[str, dict[str, float]]:
     import attnpatch
-    from attnpatch import demo
+    from attnpatch.cli import demo
 
     jobs = demo.workloads(steps=steps, tokens=tokens)
     results = {}

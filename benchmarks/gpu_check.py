@@ -42,8 +42,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from attnpatch import dispatch, registry  # noqa: E402
-from attnpatch.registry import MASK_NONE, CallSpec  # noqa: E402
+from attnpatch.core import dispatch, registry  # noqa: E402
+from attnpatch.core.call import MASK_NONE, CallSpec  # noqa: E402
 
 Tensor = torch.Tensor
 

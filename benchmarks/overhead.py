@@ -2,7 +2,7 @@
 
 import sys
 
-from attnpatch.overhead import main
+from attnpatch.cli.overhead import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@
     ATTNPATCH_BACKEND=_native_flash,native ATTNPATCH_VERIFY=1 python examples/tiny_offline.py
     python examples/tiny_offline.py --attnpatch _native_math     # the one-line attnpatch.apply variant
 
-The pipelines are real diffusers/transformers classes with random weights (attnpatch.tiny), so the image is
+The pipelines are real diffusers/transformers classes with random weights (attnpatch.testing.tiny), so the image is
 noise, but every attention call a full-size model makes is made here too.
 """
 
@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from attnpatch import tiny
+from attnpatch.testing import tiny
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--prompt", default="a red fox")  # the tiny tokenizers keep 16 tokens

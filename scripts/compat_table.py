@@ -29,7 +29,8 @@ DATA_RE = re.compile(r"<!-- compat-data\n(.*?)\n-->", re.S)
 
 import torch  # noqa: E402
 
-from attnpatch import api, dispatch  # noqa: E402
+from attnpatch import api  # noqa: E402
+from attnpatch.core import dispatch, hooks  # noqa: E402
 
 
 def measure(build: Callable[[], Any], run: Callable[[Any], Any]) -> dict[str, Any]:
@@ -41,14 +42,14 @@ def measure(build: Callable[[], Any], run: Callable[[Any], Any]) -> dict[str, An
         run(model)
     records: list[Any] = []
     dispatch.reset_fallbacks()
-    dispatch.add_observer(records.append)
+    hooks.add_observer(records.append)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             api.apply(model, "native")
         run(model)
     finally:
-        dispatch.remove_observer(records.append)
+        hooks.remove_observer(records.append)
         api.unapply(model)
     passthrough: dict[str, int] = {}
     for (_, reason), calls in dispatch.passthrough_counts().items():

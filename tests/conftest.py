@@ -8,16 +8,16 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _fresh_dispatch_state():
-    from attnpatch import dispatch
+    from attnpatch.core import dispatch, hooks, selection
 
-    saved = (dispatch._strict, dispatch._checks, dispatch._allow_lossy, dispatch._default, dispatch._auto_chooser)
+    saved = selection.snapshot()
+    saved_hooks = hooks.snapshot()
     dispatch.reset_fallbacks()
     yield
-    dispatch._strict, dispatch._checks, dispatch._allow_lossy, dispatch._default, dispatch._auto_chooser = saved
-    dispatch._local.context = None
-    dispatch._local.module = None
-    dispatch._local.site = None
-    dispatch._observers.clear()
+    selection.restore(saved)
+    hooks.restore(saved_hooks)
+    hooks.clear_observers()
+    hooks.clear_site_overrides()
     dispatch.reset_fallbacks()
 
 

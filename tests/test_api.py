@@ -15,7 +15,8 @@ pytest.importorskip("diffusers")
 
 import diffusers_models as dm  # noqa: E402
 
-from attnpatch import api, dispatch  # noqa: E402
+from attnpatch import api  # noqa: E402
+from attnpatch.core import selection  # noqa: E402
 from attnpatch.errors import AttnpatchError, AttnpatchWarning, UnknownBackendError  # noqa: E402
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR  # noqa: E402
 from attnpatch.patchers import diffusers as patcher  # noqa: E402
@@ -200,12 +201,12 @@ def test_install_validates_and_restores_settings() -> None:
         api.install("nope")
     assert api.installed_patchers() == []
     api.install("_native_math", strict=True, checks=True)
-    assert dispatch._strict and dispatch._checks and dispatch.get_default_backend() == "_native_math"
+    assert selection.strict() and selection.checks() and selection.get_default_backend() == "_native_math"
     api.install()  # idempotent; keeps the settings
-    assert dispatch.get_default_backend() == "_native_math"
+    assert selection.get_default_backend() == "_native_math"
     api.uninstall()
     api.uninstall()
-    assert not dispatch._strict and not dispatch._checks and dispatch.get_default_backend() == "native"
+    assert not selection.strict() and not selection.checks() and selection.get_default_backend() == "native"
 
 
 def test_install_keeps_applied_selections_after_uninstall(flux: Any) -> None:

@@ -15,8 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import attnpatch  # noqa: E402
-from attnpatch import autotune, cli, dispatch, registry  # noqa: E402
-from attnpatch.registry import MASK_NONE, CallSpec  # noqa: E402
+from attnpatch import autotune, cli  # noqa: E402
+from attnpatch.core import hooks, registry  # noqa: E402
+from attnpatch.core.call import MASK_NONE, CallSpec  # noqa: E402
 
 SLOW, FAST = "test_slow", "test_fast"
 calls: dict[str, int] = {}
@@ -75,7 +76,7 @@ def test_auto_routes_to_the_tuned_choice(capsys: pytest.CaptureFixture[str]) -> 
     assert calls.get(SLOW) == 1  # priority order without autotune
     autotune.enable()
     recorded: list[str] = []
-    dispatch.add_observer(lambda record: recorded.append(record.served))
+    hooks.add_observer(lambda record: recorded.append(record.served))
     for _ in range(3):
         attnpatch.dispatch_attention(q, q, q, backend="auto")
     assert len(recorded) == 3 and SLOW not in recorded

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from attnpatch import dispatch, masks, registry
-from attnpatch.registry import CallSpec
+from attnpatch.core import dispatch, masks, registry, selection
+from attnpatch.core.call import MASK_ADDITIVE, MASK_BOOL, MASK_NONE, CallSpec
 from tests.reference import reference_attention
 
 
@@ -86,15 +86,15 @@ def test_backend_matches_float64_reference(backend: registry.Backend, case: Case
     if backend.name == "flex" and case.name not in FLEX_CASES:
         pytest.skip("flex: subset only (each call kind compiles a kernel)")
     q, k, v, mask = case.tensors()
-    norm, kind = (None, registry.MASK_NONE) if mask is None else masks.normalize(mask, q, k)
+    norm, kind = (None, MASK_NONE) if mask is None else masks.normalize(mask, q, k)
     causal = case.causal
     if norm is not None and causal:
-        kind = registry.MASK_BOOL if norm.dtype == torch.bool else registry.MASK_ADDITIVE
+        kind = MASK_BOOL if norm.dtype == torch.bool else MASK_ADDITIVE
         causal = False
     reasons = backend.call_reasons(CallSpec.of(q, k, v, kind, 0.0, causal, case.scale))
     if reasons:
         pytest.skip(f"{backend.name}: {'; '.join(reasons)}")
-    dispatch.set_strict(True)  # a silent fallback would make this test compare the wrong backend
+    selection.set_strict(True)  # a silent fallback would make this test compare the wrong backend
     out = dispatch.dispatch_attention(
         q, k, v, attn_mask=mask, is_causal=case.causal, scale=case.scale, backend=backend.name
     )
@@ -116,7 +116,7 @@ def test_every_backend_is_exercised_by_some_case() -> None:
         served = []
         for case in CASES:
             q, k, v, mask = case.tensors()
-            kind = registry.MASK_NONE if mask is None else masks.normalize(mask, q, k)[1]
+            kind = MASK_NONE if mask is None else masks.normalize(mask, q, k)[1]
             if not backend.call_reasons(CallSpec.of(q, k, v, kind, 0.0, case.causal and mask is None, case.scale)):
                 served.append(case.name)
         assert served, f"{backend.name} is available here but serves none of the reference cases"

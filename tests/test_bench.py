@@ -10,7 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from attnpatch import bench, cli, registry  # noqa: E402
+from attnpatch import cli  # noqa: E402
+from attnpatch.cli import bench  # noqa: E402
+from attnpatch.core import registry  # noqa: E402
 
 RESULT_KEYS = {
     "preset",

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("torch")
-from attnpatch import cli, demo, tiny
+from attnpatch import cli
+from attnpatch.cli import demo
+from attnpatch.testing import tiny
 
 pytestmark = pytest.mark.skipif(bool(tiny.missing()), reason="needs diffusers and transformers")
 
@@ -46,7 +48,7 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str], mon
 
 
 def test_default_backends_are_the_available_ones_native_first() -> None:
-    from attnpatch import registry
+    from attnpatch.core import registry
 
     chosen, left_out = demo.choose_backends(None)
     assert chosen[0] == "native"

@@ -23,7 +23,8 @@ import diffusers  # noqa: E402
 import diffusers_models as dm  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from attnpatch import api, dispatch, registry  # noqa: E402
+from attnpatch import api  # noqa: E402
+from attnpatch.core import dispatch, hooks, registry, selection  # noqa: E402
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, state  # noqa: E402
 from attnpatch.patchers import diffusers as patcher  # noqa: E402
 
@@ -39,13 +40,13 @@ except ImportError:  # diffusers < 0.35: the legacy path only
 
 
 @contextmanager
-def observed() -> Iterator[list[dispatch.CallRecord]]:
-    records: list[dispatch.CallRecord] = []
-    dispatch.add_observer(records.append)
+def observed() -> Iterator[list[hooks.CallRecord]]:
+    records: list[hooks.CallRecord] = []
+    hooks.add_observer(records.append)
     try:
         yield records
     finally:
-        dispatch.remove_observer(records.append)
+        hooks.remove_observer(records.append)
 
 
 @pytest.fixture(autouse=True)
@@ -188,10 +189,10 @@ def test_apply_twice_wraps_once() -> None:
     fam = family("unet")
     model = dm.build(fam)
     api.apply(model, "native")
-    calls_after_one = dict(patcher._wrapped_calls)
+    calls_after_one = patcher.PATCHER.patches.entries()
     api.apply(model, "native")
     patcher.install()
-    assert patcher._wrapped_calls == calls_after_one
+    assert patcher.PATCHER.patches.entries() == calls_after_one
     processor_class = type(model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor)
     wrapper = processor_class.__dict__["__call__"]
     assert wrapper._attnpatch_kind == patcher.SDPA
@@ -452,14 +453,14 @@ def test_install_routes_models_created_later_and_uninstall_restores() -> None:
     fam = family("flux")
     before = dm.run(fam, dm.build(fam))
     api.install("_native_math")
-    assert state.route_all and dispatch.get_default_backend() == "_native_math"
+    assert state.route_all and selection.get_default_backend() == "_native_math"
     model = dm.build(fam)  # created after install, never applied
     with observed() as records:
         out = dm.run(fam, model)
     assert len(records) == 2 and {r.served for r in records} == {"_native_math"}
     torch.testing.assert_close(out, before, atol=1e-4, rtol=1e-4)
     api.uninstall()
-    assert not state.route_all and dispatch.get_default_backend() == "native"
+    assert not state.route_all and selection.get_default_backend() == "native"
     assert_no_wrappers()
     assert torch.equal(dm.run(fam, model), before)
 
@@ -474,7 +475,7 @@ def test_attnpatch_disable_makes_install_a_no_op(monkeypatch: pytest.MonkeyPatch
 def test_install_before_diffusers_is_imported_patches_by_import_hook() -> None:
     # In a fresh interpreter: the post-import hooks must catch diffusers loading after install().
     code = (
-        "import sys, attnpatch.api as api, attnpatch.dispatch as d\n"
+        "import sys, attnpatch.api as api, attnpatch.core.hooks as d\n"
         "api.install('native')\n"
         "assert 'diffusers' not in sys.modules\n"
         "import diffusers_models as dm\n"

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnpatch import dispatch, masks, registry
-from attnpatch.registry import CallSpec
+from attnpatch.core import dispatch, masks, registry, selection
+from attnpatch.core.call import CallSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_GPU = "needs a CUDA GPU: torch.cuda.is_available() is False"
@@ -86,9 +86,9 @@ def backend_names() -> list[Any]:
 
 @pytest.fixture
 def strict() -> Iterator[None]:
-    dispatch.set_strict(True)
+    selection.set_strict(True)
     yield
-    dispatch.set_strict(False)
+    selection.set_strict(False)
 
 
 def make_case(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

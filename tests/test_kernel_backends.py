@@ -6,10 +6,10 @@ sys.modules under the real names. The tests prove argument mapping, layouts, cau
 mask-to-bias conversion, GQA, reasons and fallback. tests/test_gpu.py runs the real libraries where present.
 
 How a CPU test reaches a GPU-only adapter, and why that is honest: every backend here declares its devices (and
-compute capability), checked per call from the tensors, and its ``requires`` asks ``_kernels.device_reasons``
-whether a GPU exists. The ``pretend`` fixture replaces exactly those three facts: ``CallSpec.of`` reports CPU
-tensors as being on device 0 of the pretended kind, ``registry._compute_capability`` returns the pretended
-capability and ``_kernels.device_reasons`` reports the GPU present. Everything else (dtype, head dim, masks,
+compute capability), checked per call from the tensors, and its ``requires`` asks whether a GPU exists. The
+``pretend`` fixture uses ``attnpatch.testing.emulate_device``, which changes exactly those three facts: CPU
+tensors count as being on device 0 of the pretended kind, with the pretended compute capability, and the GPU
+(an AMD one with ``rocm=True``) counts as present. Everything else (dtype, head dim, masks,
 causal alignment, GQA, dropout, versions, imports) is checked for real and the adapter runs for real, on CPU
 tensors, against the fake. Without ``pretend`` the same calls are refused (test_cpu_tensors_are_refused), and
 every test that expects an answer from a backend runs in strict mode, so a refusal cannot hide behind a fallback.
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,11 @@ from fakes import (
     fake_xformers,
 )
 
-from attnpatch import dispatch, masks, registry
-from attnpatch.backends import _kernels, hub
+from attnpatch.backends import _probe, hub
+from attnpatch.core import capabilities, dispatch, masks, registry, selection
+from attnpatch.core.call import CallSpec
 from attnpatch.errors import AttnpatchWarning, UnsupportedCall
-from attnpatch.registry import CallSpec
+from attnpatch.testing import emulate_device
 
 # The issue's table: every one of these must be registered, listed, and covered by a contract test below.
 TABLE = (
@@ -167,17 +169,14 @@ REFUSALS: dict[tuple[str, str], str] = {
     ("sage_blackwell_hub", "scale"): "ignores a custom softmax scale",
 }
 
-ROCM_REASON = "needs a ROCm build of torch (pretend: an NVIDIA GPU)"
+ROCM_REASON = "needs a ROCm build of torch (torch.version.hip is None): this kernel runs on AMD GPUs"
 
 
 def _forget() -> None:
     # Availability is cached per backend, routing decisions per call kind, Hub downloads per revision: forget all
-    # of it when the fakes come and go.
-    for backend in registry.list_backends():
-        backend._reasons = None
-    hub._modules.clear()
-    hub._failures.clear()
-    registry._changed()
+    # of it when the fakes come and go (trust and pins are kept: tests set them after the fakes).
+    hub.forget_downloads()
+    registry.refresh()
     dispatch.reset_fallbacks()
 
 
@@ -193,56 +192,30 @@ def fake_libraries(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 @pytest.fixture
-def pretend(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """pretend(device, capability, rocm): CPU tensors count as being on that device (see the module docstring)."""
+def pretend() -> Iterator[Any]:
+    """pretend(device, capability, rocm): CPU tensors count as being on that device (attnpatch.testing)."""
+    with ExitStack() as stack:
 
-    def apply(device: str = "cuda", capability: tuple[int, int] = (9, 0), rocm: bool = False) -> None:
-        real_of = CallSpec.of
+        def apply(device: str = "cuda", capability: tuple[int, int] = (9, 0), rocm: bool = False) -> None:
+            stack.close()
+            stack.enter_context(emulate_device(device, capability=capability, rocm=rocm))
+            _forget()
 
-        def of(*args: Any) -> CallSpec:
-            call = real_of(*args)
-            if call.device_type != "cpu":
-                return call
-            return CallSpec(
-                device,
-                0,
-                call.dtype,
-                call.head_dim,
-                call.head_dim_v,
-                call.heads_q,
-                call.heads_kv,
-                call.seq_q,
-                call.seq_kv,
-                call.mask_kind,
-                call.is_causal,
-                call.dropout,
-                call.custom_scale,
-                call.needs_grad,
-                call.compiling,
-            )
-
-        monkeypatch.setattr(CallSpec, "of", staticmethod(of))
-        monkeypatch.setattr(registry, "_compute_capability", lambda index: capability)
-        monkeypatch.setattr(_kernels, "device_reasons", lambda kind: [] if kind != "rocm" or rocm else [ROCM_REASON])
-        _forget()
-
-    return apply
+        yield apply
 
 
 @pytest.fixture
 def strict() -> Iterator[None]:
-    dispatch.set_strict(True)
+    selection.set_strict(True)
     yield
-    dispatch.set_strict(False)
+    selection.set_strict(False)
 
 
 @pytest.fixture(autouse=True)
 def _hub_state() -> Iterator[None]:
     # Trust and pins are process-wide: every test starts and ends without them.
     yield
-    hub._trusted = None
-    hub._pins.clear()
-    hub._invalidate()
+    hub.reset()
 
 
 @pytest.fixture
@@ -309,7 +282,7 @@ def expected(
 def assert_matches(out: torch.Tensor, reference: torch.Tensor) -> None:
     assert out.shape == reference.shape and out.dtype == reference.dtype
     assert not out.isnan().any(), "NaN in the output"
-    atol, rtol = registry.DEFAULT_TOLERANCE[out.dtype]
+    atol, rtol = capabilities.DEFAULT_TOLERANCE[out.dtype]
     torch.testing.assert_close(out, reference, atol=atol, rtol=rtol)
 
 
@@ -355,7 +328,7 @@ def test_unavailable_here_with_the_fix(name: str) -> None:
     """On this CPU machine none of the packages is installed; each backend says which one, and how to get it."""
     backend = registry.get_backend(name)
     module = EXPECTED_REASON[name].split(" ", 1)[0]
-    if _kernels.installed(module):
+    if _probe.installed(module):
         pytest.skip(f"{module} is installed here")
     assert not backend.available
     assert backend.reasons[0].startswith(EXPECTED_REASON[name])
@@ -375,7 +348,7 @@ def test_list_command_shows_every_backend() -> None:
 
 def test_listing_imports_no_kernel_package() -> None:
     code = (
-        "import sys\nfrom attnpatch import registry\n[b.reasons for b in registry.list_backends()]\n"
+        "import sys\nfrom attnpatch.core import registry\n[b.reasons for b in registry.list_backends()]\n"
         "print(sorted(m for m in ('flash_attn', 'flash_attn_interface', 'sageattention', 'xformers', 'aiter', "
         "'torch_xla', 'torch_npu', 'kernels', 'triton') if m in sys.modules))"
     )
@@ -752,18 +725,20 @@ def test_lossy_backends_are_never_auto_unless_allowed(
     backend = registry.get_backend(name)
     assert backend.caps.lossy and not backend.call_reasons(call)
     assert backend not in dispatch.auto_candidates(call)
-    dispatch.set_allow_lossy(True)
+    selection.set_allow_lossy(True)
     try:
         ranked = dispatch.auto_candidates(call)
         assert (backend in ranked) == (name not in hub.KERNELS), "Hub kernels are never picked by auto"
         assert ranked[0].name == "sage"
     finally:
-        dispatch.set_allow_lossy(False)
+        selection.set_allow_lossy(False)
 
 
 @pytest.mark.parametrize(
     ("capability", "rocm", "first"),
-    [((9, 0), False, "_flash_3"), ((8, 0), False, "flash"), ((9, 4), True, "aiter")],
+    # On sm80 torch's own cuDNN kernel (priority 45) ranks just above FlashAttention-2 (44), as declared in
+    # backends/native.py and flash.py; emulate_device makes torch's CUDA kernels count as present too.
+    [((9, 0), False, "_flash_3"), ((8, 0), False, "_native_cudnn"), ((9, 4), True, "aiter")],
 )
 def test_auto_order(
     capability: tuple[int, int], rocm: bool, first: str, fake_libraries: Any, pretend: Any, trusted: None
@@ -850,12 +825,12 @@ def test_hub_offline_is_a_clear_reason(fake_libraries: Any, pretend: Any, truste
     with pytest.warns(AttnpatchWarning, match="the kernels package could not reach the Hub: LocalEntryNotFoundError"):
         out = dispatch.dispatch_attention(q, k, v, backend="flash_hub")
     assert_matches(out, expected(q, k, v))
-    dispatch.set_strict(True)
+    selection.set_strict(True)
     try:
         with pytest.raises(UnsupportedCall, match="could not reach the Hub"):
             dispatch.dispatch_attention(q, k, v, scale=0.5, backend="flash_hub")
     finally:
-        dispatch.set_strict(False)
+        selection.set_strict(False)
     assert len(calls_of(fake_kernels, "get_kernel")) == 1, "a failed download is not retried on every call"
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from scripts.processes import ROOT, SCRIPTS, attnpatch_lines, python, unpatched_probe
 
-from attnpatch import env, runner
-from attnpatch.runner import UsageError, parse
+from attnpatch import env
+from attnpatch.cli import run as runner
+from attnpatch.cli.run import UsageError, parse
 
 SHOW = str(SCRIPTS / "show.py")
 PROBE = str(SCRIPTS / "probe.py")

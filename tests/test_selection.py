@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import attnpatch
-from attnpatch import dispatch, registry
+from attnpatch.core import dispatch, registry, selection
+from attnpatch.core.call import MASK_NONE, CallSpec
 from attnpatch.errors import AttnpatchWarning, CheckFailed, UnknownBackendError, UnsupportedCall
 
 SEED_NAMES = [
@@ -101,11 +102,11 @@ def test_precedence_call_over_context_over_default(tagged) -> None:
     with attnpatch.attention_backend("tag_b"):
         assert who_ran(attnpatch.dispatch_attention(q, q, q), q) == 2
         assert who_ran(attnpatch.dispatch_attention(q, q, q, backend="tag_c"), q) == 3
-        saved = dispatch.push_module(dispatch.resolve("tag_c"), "layer")  # per-module beats the context
+        saved = selection.push_module(selection.resolve("tag_c"), "layer")  # per-module beats the context
         try:
             assert who_ran(attnpatch.dispatch_attention(q, q, q), q) == 3
         finally:
-            dispatch.pop_module(saved)
+            selection.pop_module(saved)
     attnpatch.set_default_backend(None)
     assert attnpatch.get_default_backend() == "native"
 
@@ -216,7 +217,7 @@ def test_auto_picks_highest_priority_that_serves_and_skips_lossy() -> None:
 
 def test_auto_on_cpu_is_native() -> None:
     q, _, _ = qkv()
-    call = registry.CallSpec.of(q, q, q, registry.MASK_NONE, 0.0, False, None)
+    call = CallSpec.of(q, q, q, MASK_NONE, 0.0, False, None)
     assert dispatch.auto_candidates(call)[0].name == "native"
 
 

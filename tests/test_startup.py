@@ -39,13 +39,13 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setattr(api, "uninstall", lambda: calls.append(("uninstall",)))
     monkeypatch.delenv("ATTNPATCH_BACKEND", raising=False)
     yield calls
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, startup._ImportHook)]
+    sys.meta_path[:] = [f for f in sys.meta_path if not startup.is_own_finder(f)]
     for name in ("attnpatch_test_lib", "attnpatch_test_after"):
         sys.modules.pop(name, None)
 
 
 def _hooks() -> int:
-    return sum(isinstance(f, startup._ImportHook) for f in sys.meta_path)
+    return sum(startup.is_own_finder(f) for f in sys.meta_path)
 
 
 def test_unset_does_nothing_and_run_is_idempotent(fresh, monkeypatch) -> None:
@@ -220,7 +220,10 @@ def test_sitecustomize_runs_the_one_it_shadows_once(tmp_path) -> None:
 
 
 def test_importing_the_dispatcher_activates_it() -> None:
-    code = "import attnpatch.dispatch as d; print(d.get_default_backend(), type(d.__loader__).__name__)"
+    code = (
+        "import attnpatch.core.dispatch as d; from attnpatch.core import selection; "
+        "print(selection.get_default_backend(), type(d.__loader__).__name__)"
+    )
     result = python("-c", code, env={"ATTNPATCH_BACKEND": "_native_math"})
     assert (result.stdout, result.stderr) == ("_native_math SourceFileLoader\n", "")
 

@@ -30,8 +30,8 @@ transformers = pytest.importorskip("transformers")
 
 import transformers_models as tm  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-less import mode)
 
-from attnpatch import dispatch  # noqa: E402
-from attnpatch.dispatch import CallRecord  # noqa: E402
+from attnpatch.core import dispatch, hooks, selection  # noqa: E402
+from attnpatch.core.hooks import CallRecord  # noqa: E402
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, state  # noqa: E402
 from attnpatch.patchers import transformers as patcher  # noqa: E402
 
@@ -47,12 +47,12 @@ def patched() -> Iterator[None]:
     state.route_all = False
 
 
-def mark(model: torch.nn.Module, selection: str = "native") -> list[str]:
+def mark(model: torch.nn.Module, spec: str = "native") -> list[str]:
     """What apply does to the layers the patcher names: a selection and a site on each. Returns the sites."""
-    dispatch.resolve(selection)  # apply validates the selection (and so resolves it) before marking
+    selection.resolve(spec)  # apply validates the selection (and so resolves it) before marking
     layers = patcher.attention_modules(model)
     for name, layer in layers:
-        setattr(layer, MODULE_ATTR, selection)
+        setattr(layer, MODULE_ATTR, spec)
         setattr(layer, SITE_ATTR, name)
     return [name for name, _ in layers]
 
@@ -60,11 +60,11 @@ def mark(model: torch.nn.Module, selection: str = "native") -> list[str]:
 @contextmanager
 def recorded() -> Iterator[list[CallRecord]]:
     records: list[CallRecord] = []
-    dispatch.add_observer(records.append)
+    hooks.add_observer(records.append)
     try:
         yield records
     finally:
-        dispatch.remove_observer(records.append)
+        hooks.remove_observer(records.append)
 
 
 @contextmanager
@@ -451,7 +451,7 @@ def test_route_all_routes_layers_nobody_marked(patched: None) -> None:
 def test_marked_layer_uses_its_own_selection_over_the_context(patched: None) -> None:
     model = tm.llama()
     mark(model, "_native_math")
-    with recorded() as records, dispatch.attention_backend("native"):
+    with recorded() as records, selection.attention_backend("native"):
         _forward(CASES[0], model)
     assert {r.served for r in records} == {"_native_math"}
 
@@ -478,7 +478,8 @@ def test_install_is_idempotent_and_routers_are_stable() -> None:
     patcher.install()
     patcher.install()
     try:
-        assert len(patcher._patches) == len({(id(o), n) for o, n, *_ in patcher._patches})
+        patches = patcher.PATCHER.patches.entries()
+        assert len(patches) == len({(id(o), n) for o, n, _ in patches})
         model = tm.llama()
         mark(model, "native")
         with recorded() as records:
@@ -557,7 +558,7 @@ def test_eager_functions_are_told_apart(module: str, plain: bool) -> None:
     except (ImportError, AttributeError):
         pytest.skip(f"transformers {transformers.__version__} has no {module}.eager_attention_forward")
     fn = getattr(fn, patcher._ROUTER_ATTR, fn)
-    assert (patcher._plain_eager_refusal(fn) is None) == plain
+    assert (patcher.calls.plain_eager_refusal(fn) is None) == plain
 
 
 def test_install_before_transformers_is_imported_patches_it_on_import() -> None:
@@ -569,10 +570,10 @@ def test_install_before_transformers_is_imported_patches_it_on_import() -> None:
         assert "transformers.modeling_utils" not in sys.modules
         sys.path.insert(0, sys.argv[1])
         import transformers_models as tm
-        from attnpatch import dispatch
+        from attnpatch.core import dispatch, hooks, selection
         state.route_all = True
         calls = []
-        dispatch.add_observer(calls.append)
+        hooks.add_observer(calls.append)
         ids, mask = tm.left_padded_ids()
         tm.llama()(ids, attention_mask=mask)
         print(len(calls))

@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 from reference import reference_attention  # noqa: E402
 
 import attnpatch  # noqa: E402
-from attnpatch import dispatch, registry, report, verify  # noqa: E402
+from attnpatch import report, verify  # noqa: E402
+from attnpatch.core import hooks, registry, selection  # noqa: E402
 from attnpatch.errors import AttnpatchError  # noqa: E402
 
 LOSSY = "test_lossy_3bit"
@@ -34,24 +35,23 @@ def lossy(query: torch.Tensor, key: torch.Tensor, *rest: Any) -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _lossy_backend() -> Iterator[None]:
     registry.register_backend(LOSSY, lossy, lossy=True, replace=True)
-    original_route_slow = dispatch._route_slow
     yield
     verify.disable()
     report.disable()
     registry.unregister_backend(LOSSY)
-    assert dispatch._route_slow is original_route_slow
+    assert not hooks.observers and hooks.site_override(None) is None, "verify leaves no hook behind"
 
 
 def qkv(seed: int = 0, batch: int = 2, seq: int = 16, heads: int = 4, dim: int = 16) -> torch.Tensor:
     return torch.randn(batch, seq, heads, dim, generator=torch.Generator().manual_seed(seed))
 
 
-def call(site: str, selection: str, query: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    saved = dispatch.push_module(dispatch.resolve(selection), site)
+def call(site: str, spec: str, query: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    saved = selection.push_module(selection.resolve(spec), site)
     try:
         return attnpatch.dispatch_attention(query, query, query, **kwargs)
     finally:
-        dispatch.pop_module(saved)
+        selection.pop_module(saved)
 
 
 def test_catches_lossy_backend_and_warns_once_per_module() -> None:
@@ -81,11 +81,11 @@ def test_native_passes_on_masks_gqa_causal_and_cross() -> None:
         ({}, {"attn_mask": padding}, {"attn_mask": additive}, {"is_causal": True}, {"scale": 0.3})
     ):
         for backend in ("native", "_native_math"):
-            saved = dispatch.push_module(dispatch.resolve(backend), f"layer.{i}")
+            saved = selection.push_module(selection.resolve(backend), f"layer.{i}")
             try:
                 attnpatch.dispatch_attention(q, kv, kv, **kwargs)
             finally:
-                dispatch.pop_module(saved)
+                selection.pop_module(saved)
     checks = verify.results()
     assert len(checks) == 10
     assert all(c.ok for c in checks), [(c.backend, c.mask, c.worst) for c in checks if not c.ok]
@@ -121,10 +121,11 @@ def test_fallback_moves_module_to_native_and_fixes_the_failing_call() -> None:
 
 
 @pytest.mark.skipif(
-    bool(__import__("attnpatch.tiny", fromlist=["missing"]).missing()), reason="needs diffusers and transformers"
+    bool(__import__("attnpatch.testing.tiny", fromlist=["missing"]).missing()),
+    reason="needs diffusers and transformers",
 )
 def test_fallback_rescues_a_real_pipeline() -> None:
-    from attnpatch import demo
+    from attnpatch.cli import demo
 
     job = demo.workloads(steps=2)["sd"]
     pipe = job.build()

@@ -13,15 +13,17 @@ from typing import Any
 
 import torch
 
-from attnpatch.backends import _kernels
-from attnpatch.backends._kernels import HALF, KernelFn
-from attnpatch.registry import MASK_NONE, Backend, Capabilities, register
+from attnpatch.backends import _probe, hub
+from attnpatch.backends._define import define
+from attnpatch.backends._probe import HALF
+from attnpatch.core.call import MASK_NONE, BackendFn
+from attnpatch.core.capabilities import Capabilities
 
 AITER_VERSION = "0.1.5"
 AITER_HINT = " (or build it from https://github.com/ROCm/aiter)"
 
 
-def aiter_kernel(library: Callable[[], Any]) -> KernelFn:
+def aiter_kernel(library: Callable[[], Any]) -> BackendFn:
     """``flash_attn_func`` of the module ``library()`` returns (aiter, or its Hub build), as a dispatcher kernel."""
 
     def aiter(
@@ -32,6 +34,7 @@ def aiter_kernel(library: Callable[[], Any]) -> KernelFn:
         dropout_p: float,
         is_causal: bool,
         scale: float | None,
+        enable_gqa: bool,
     ) -> torch.Tensor:
         """aiter flash_attn_func on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim)."""
         out = library().flash_attn_func(query, key, value, dropout_p=dropout_p, softmax_scale=scale, causal=is_causal)
@@ -55,16 +58,24 @@ def aiter_caps(**overrides: Any) -> Capabilities:
     return Capabilities(**fields)
 
 
-register(
-    Backend(
-        "aiter",
-        _kernels.external("aiter", aiter_kernel(lambda: _kernels.lib("aiter"))),
-        family="aiter",
-        caps=aiter_caps(),
-        requires=_kernels.requires("aiter", "amd-aiter", AITER_VERSION, AITER_HINT, device="rocm"),
-        check=_kernels.library_check("aiter"),
-        builtin=True,
-        description="AMD AITER flash_attn_func (CK FlashAttention); ROCm, fp16/bf16, no mask",
-    ),
+define(
+    "aiter",
+    aiter_kernel(lambda: _probe.lib("aiter")),
+    family="aiter",
+    caps=aiter_caps(),
+    requires=_probe.requires("aiter", "amd-aiter", AITER_VERSION, AITER_HINT, device="rocm"),
+    check=_probe.library_check("aiter"),
+    description="AMD AITER flash_attn_func (CK FlashAttention); ROCm, fp16/bf16, no mask",
+    kernel=True,
     aliases=("aiter_attn", "aiter_flash"),
+)
+
+
+# AITER's FlashAttention from the Hugging Face Hub (opt-in; see attnpatch/backends/hub.py): bf16 instances only.
+hub.define_hub(
+    "aiter_fa2_hub",
+    aiter_kernel(hub.module("aiter_fa2_hub")),
+    aiter_caps(dtypes=frozenset({torch.bfloat16}), priority=0),
+    "AITER FlashAttention from kernels-community/aiter-flash-attn-ck (Hub, opt-in); ROCm, bf16",
+    _probe.compiled_dropout_reasons,
 )

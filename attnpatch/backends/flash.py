@@ -14,8 +14,9 @@ hopper/flash_attn_interface.py, README):
 - No attention mask. Key-padding masks go to the varlen kernels: keys packed with cu_seqlens, every query row kept,
   max_seqlen_k = the padded length (an upper bound; the exact max would cost a device sync).
 
-The kernels here are shared with the Hub copies of the same libraries (attnpatch/backends/hub.py), which is why
-they take the library as an argument.
+The Hub builds of the same libraries (``flash_hub``, ``flash_varlen_hub``, ``_flash_3_hub``, ``_flash_3_varlen_hub``,
+``flash_4_hub``; loading in attnpatch/backends/hub.py) are declared at the end, next to the pip ones: same kernel
+function and capabilities, another library module.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from typing import Any
 
 import torch
 
-from attnpatch.backends import _kernels
-from attnpatch.backends._kernels import HALF, KernelFn
-from attnpatch.registry import MASK_KEY_PADDING, MASK_NONE, Backend, Capabilities, register
+from attnpatch.backends import _probe, _varlen, hub
+from attnpatch.backends._define import define
+from attnpatch.backends._probe import HALF
+from attnpatch.core.call import MASK_KEY_PADDING, MASK_NONE, BackendFn
+from attnpatch.core.capabilities import Capabilities
 
 FLASH_VERSION = "2.6.3"
 FLASH_HINT = " --no-build-isolation"
@@ -40,8 +43,13 @@ NO_MASK = frozenset({MASK_NONE})
 KEY_PADDING = frozenset({MASK_NONE, MASK_KEY_PADDING})
 
 
-def flash2_kernel(library: Callable[[], Any]) -> KernelFn:
-    """``flash_attn_func`` of the module ``library()`` returns, as a dispatcher kernel."""
+def flash_kernel(library: Callable[[], Any], *, version: int = 2, varlen: bool = False) -> BackendFn:
+    """``flash_attn_func`` (``flash_attn_varlen_func`` with ``varlen``) of the module ``library()`` returns.
+
+    version 2: FlashAttention-2, with dropout and the ``deterministic`` backward switch. version 3 (and 4, the same
+    call): no dropout; its beta returned ``(out, lse)``, later releases ``out``, so a tuple has its output taken.
+    varlen: key-padding masks as packed keys (see attnpatch/backends/_varlen.py).
+    """
 
     def flash(
         query: torch.Tensor,
@@ -51,102 +59,20 @@ def flash2_kernel(library: Callable[[], Any]) -> KernelFn:
         dropout_p: float,
         is_causal: bool,
         scale: float | None,
+        enable_gqa: bool,
     ) -> torch.Tensor:
-        """flash_attn_func(q, k, v) on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim)."""
-        return library().flash_attn_func(
-            query,
-            key,
-            value,
-            dropout_p=dropout_p,
-            softmax_scale=scale,
-            causal=is_causal,
-            deterministic=_kernels.deterministic(),
-        )
-
-    return flash
-
-
-def flash2_varlen_kernel(library: Callable[[], Any]) -> KernelFn:
-    """``flash_attn_varlen_func`` of the module ``library()`` returns, serving key-padding masks."""
-
-    def flash_varlen(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-        scale: float | None,
-    ) -> torch.Tensor:
-        """flash_attn_varlen_func on packed keys; query (batch, seq_q, heads, head_dim) -> same layout out."""
-        batch, seq_q = query.shape[0], query.shape[1]
-        packed_key, packed_value, cu_seqlens_k = _kernels.pack_keys(key, value, attn_mask)
-        out = library().flash_attn_varlen_func(
-            query.flatten(0, 1),
-            packed_key,
-            packed_value,
-            _kernels.cu_seqlens(batch, seq_q, query.device),
-            cu_seqlens_k,
-            seq_q,
-            key.shape[1],
-            dropout_p=dropout_p,
-            softmax_scale=scale,
-            causal=is_causal,
-            deterministic=_kernels.deterministic(),
-        )
-        return _kernels.varlen_output(out, batch, attn_mask)
-
-    return flash_varlen
-
-
-def flash3_kernel(library: Callable[[], Any]) -> KernelFn:
-    """``flash_attn_func`` of FlashAttention-3 (or 4: same call) from the module ``library()`` returns."""
-
-    def flash_3(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-        scale: float | None,
-    ) -> torch.Tensor:
-        """FA3 flash_attn_func on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim)."""
-        out = library().flash_attn_func(query, key, value, softmax_scale=scale, causal=is_causal)
+        """q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim) -> like q."""
+        kwargs: dict[str, Any] = {"softmax_scale": scale, "causal": is_causal}
+        if version == 2:
+            kwargs.update(dropout_p=dropout_p, deterministic=_probe.deterministic())
+        module = library()
+        if varlen:
+            return _varlen.run_varlen(module.flash_attn_varlen_func, query, key, value, attn_mask, **kwargs)
+        out = module.flash_attn_func(query, key, value, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    return flash_3
-
-
-def flash3_varlen_kernel(library: Callable[[], Any]) -> KernelFn:
-    """FlashAttention-3 ``flash_attn_varlen_func`` from the module ``library()`` returns."""
-
-    def flash_varlen_3(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-        scale: float | None,
-    ) -> torch.Tensor:
-        """FA3 flash_attn_varlen_func on packed keys; query (batch, seq_q, heads, head_dim) -> same layout out."""
-        batch, seq_q = query.shape[0], query.shape[1]
-        packed_key, packed_value, cu_seqlens_k = _kernels.pack_keys(key, value, attn_mask)
-        out = library().flash_attn_varlen_func(
-            query.flatten(0, 1),
-            packed_key,
-            packed_value,
-            _kernels.cu_seqlens(batch, seq_q, query.device),
-            cu_seqlens_k,
-            seq_q,
-            key.shape[1],
-            softmax_scale=scale,
-            causal=is_causal,
-        )
-        return _kernels.varlen_output(out[0] if isinstance(out, tuple) else out, batch, attn_mask)
-
-    return flash_varlen_3
+    flash.__name__ = flash.__qualname__ = f"flash{'' if version == 2 else version}{'_varlen' if varlen else ''}"
+    return flash
 
 
 def flash2_caps(masks: frozenset[str], priority: int, **overrides: Any) -> Capabilities:
@@ -178,65 +104,95 @@ def flash3_caps(masks: frozenset[str], priority: int, **overrides: Any) -> Capab
 
 
 def _module(name: str) -> Callable[[], Any]:
-    return lambda: _kernels.lib(name)
+    return lambda: _probe.lib(name)
 
 
-_fa3_requires = _kernels.requires("flash_attn_interface", "flash-attn-3", hint=FA3_HINT)
+_fa3_requires = _probe.requires("flash_attn_interface", "flash-attn-3", hint=FA3_HINT)
 
 
-register(
-    Backend(
-        "flash",
-        _kernels.external("flash", flash2_kernel(_module("flash_attn"))),
-        family="flash",
-        # Below _native_cudnn (45): on Hopper cuDNN beats FlashAttention-2; above torch's bundled FA2 (40).
-        caps=flash2_caps(NO_MASK, priority=44),
-        requires=_kernels.requires("flash_attn", "flash-attn", FLASH_VERSION, FLASH_HINT),
-        check=_kernels.library_check("flash_attn"),
-        builtin=True,
-        description="flash_attn.flash_attn_func (FlashAttention-2); sm80+, fp16/bf16, no mask",
-    ),
+define(
+    "flash",
+    flash_kernel(_module("flash_attn")),
+    family="flash",
+    # Below _native_cudnn (45): on Hopper cuDNN beats FlashAttention-2; above torch's bundled FA2 (40).
+    caps=flash2_caps(NO_MASK, priority=44),
+    requires=_probe.requires("flash_attn", "flash-attn", FLASH_VERSION, FLASH_HINT),
+    check=_probe.library_check("flash_attn"),
+    description="flash_attn.flash_attn_func (FlashAttention-2); sm80+, fp16/bf16, no mask",
+    kernel=True,
     aliases=("flash_attn", "flash_attention", "flash_attn_2", "flash2", "fa2"),
 )
 
-register(
-    Backend(
-        "flash_varlen",
-        _kernels.external("flash_varlen", flash2_varlen_kernel(_module("flash_attn"))),
-        family="flash",
-        caps=flash2_caps(KEY_PADDING, priority=43),
-        requires=_kernels.requires("flash_attn", "flash-attn", FLASH_VERSION, FLASH_HINT),
-        check=_kernels.library_check("flash_attn"),
-        builtin=True,
-        description="flash_attn.flash_attn_varlen_func: key-padding masks as packed sequences",
-    ),
+define(
+    "flash_varlen",
+    flash_kernel(_module("flash_attn"), varlen=True),
+    family="flash",
+    caps=flash2_caps(KEY_PADDING, priority=43),
+    requires=_probe.requires("flash_attn", "flash-attn", FLASH_VERSION, FLASH_HINT),
+    check=_probe.library_check("flash_attn"),
+    description="flash_attn.flash_attn_varlen_func: key-padding masks as packed sequences",
+    kernel=True,
     aliases=("flash_attn_varlen",),
 )
 
-register(
-    Backend(
-        "_flash_3",
-        _kernels.external("_flash_3", flash3_kernel(_module("flash_attn_interface"))),
-        family="flash",
-        caps=flash3_caps(NO_MASK, priority=60),
-        requires=_fa3_requires,
-        check=_kernels.library_check("flash_attn_interface"),
-        builtin=True,
-        description="FlashAttention-3 flash_attn_interface.flash_attn_func; Hopper (sm90) only",
-    ),
+define(
+    "_flash_3",
+    flash_kernel(_module("flash_attn_interface"), version=3),
+    family="flash",
+    caps=flash3_caps(NO_MASK, priority=60),
+    requires=_fa3_requires,
+    check=_probe.library_check("flash_attn_interface"),
+    description="FlashAttention-3 flash_attn_interface.flash_attn_func; Hopper (sm90) only",
+    kernel=True,
     aliases=("flash_3", "flash3", "fa3", "flash_attn_3"),
 )
 
-register(
-    Backend(
-        "_flash_varlen_3",
-        _kernels.external("_flash_varlen_3", flash3_varlen_kernel(_module("flash_attn_interface"))),
-        family="flash",
-        caps=flash3_caps(KEY_PADDING, priority=59),
-        requires=_fa3_requires,
-        check=_kernels.library_check("flash_attn_interface"),
-        builtin=True,
-        description="FlashAttention-3 flash_attn_varlen_func: key-padding masks as packed sequences; sm90",
-    ),
+define(
+    "_flash_varlen_3",
+    flash_kernel(_module("flash_attn_interface"), version=3, varlen=True),
+    family="flash",
+    caps=flash3_caps(KEY_PADDING, priority=59),
+    requires=_fa3_requires,
+    check=_probe.library_check("flash_attn_interface"),
+    description="FlashAttention-3 flash_attn_varlen_func: key-padding masks as packed sequences; sm90",
+    kernel=True,
     aliases=("flash_varlen_3", "_flash_3_varlen", "flash3_varlen"),
+)
+
+
+# ----- the same kernels from the Hugging Face Hub (opt-in; see attnpatch/backends/hub.py) -----------------------
+
+hub.define_hub(
+    "flash_hub",
+    flash_kernel(hub.module("flash_hub")),
+    flash2_caps(NO_MASK, priority=0),
+    "FlashAttention-2 from kernels-community/flash-attn2 (Hub, opt-in)",
+    _probe.compiled_dropout_reasons,
+)
+hub.define_hub(
+    "flash_varlen_hub",
+    flash_kernel(hub.module("flash_varlen_hub"), varlen=True),
+    flash2_caps(KEY_PADDING, priority=0),
+    "FlashAttention-2 varlen from kernels-community/flash-attn2 (Hub, opt-in): key-padding masks",
+    _probe.compiled_dropout_reasons,
+)
+hub.define_hub(
+    "_flash_3_hub",
+    flash_kernel(hub.module("_flash_3_hub"), version=3),
+    flash3_caps(NO_MASK, priority=0),
+    "FlashAttention-3 from kernels-community/flash-attn3 (Hub, opt-in); sm90",
+)
+hub.define_hub(
+    "_flash_3_varlen_hub",
+    flash_kernel(hub.module("_flash_3_varlen_hub"), version=3, varlen=True),
+    flash3_caps(KEY_PADDING, priority=0),
+    "FlashAttention-3 varlen from kernels-community/flash-attn3 (Hub, opt-in): key-padding masks; sm90",
+)
+hub.define_hub(
+    "flash_4_hub",
+    # FlashAttention-4 (flash_attn/cute/interface.py): the FA3 call; "Supported: 9.x, 10.x, 11.x", hdim <= 256 and
+    # a multiple of 8, fp16/bf16, no dropout, causal aligned bottom-right like every FlashAttention.
+    flash_kernel(hub.module("flash_4_hub"), version=3),
+    flash3_caps(NO_MASK, priority=0, max_compute_capability=(11, 0)),
+    "FlashAttention-4 (CuTe DSL) from kernels-community/flash-attn4 (Hub, opt-in); sm90-sm110",
 )

@@ -14,8 +14,9 @@ from typing import Any, cast
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from attnpatch import masks
-from attnpatch.registry import Backend, Capabilities, register
+from attnpatch.backends._define import define
+from attnpatch.core import masks
+from attnpatch.core.capabilities import Capabilities
 
 
 @functools.cache
@@ -66,20 +67,17 @@ def flex(
     return masks.zero_fully_masked(out.transpose(1, 2), attn_mask)
 
 
-register(
-    Backend(
-        "flex",
-        flex,
-        family="flex",
-        caps=Capabilities(
-            devices=frozenset({"cpu", "cuda", "xpu"}),
-            dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
-            min_head_dim=1,
-            dropout=False,
-            priority=5,
-        ),
-        builtin=True,
-        description="torch FlexAttention, compiled (BlockMask for causal, score_mod for masks)",
+define(
+    "flex",
+    flex,
+    family="flex",
+    caps=Capabilities(
+        devices=frozenset({"cpu", "cuda", "xpu"}),
+        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
+        min_head_dim=1,
+        dropout=False,
+        priority=5,
     ),
+    description="torch FlexAttention, compiled (BlockMask for causal, score_mod for masks)",
     aliases=("flex_attn", "flex_attention", "flexattention"),
 )

@@ -11,10 +11,9 @@ with nothing cached, becomes the reason the backend cannot serve the call: "the 
 Hub: ...". A traced region cannot download, so under torch.compile a backend that was never loaded falls back with
 a reason saying to call ``load(name)`` first.
 
-The Hub builds have the APIs of the libraries they package, so the kernels and capabilities are those of flash.py,
-aiter.py and sage.py (kernels-community/aiter-flash-attn-ck ships bf16 instances only; SageAttention3 for
-Blackwell takes (batch, heads, seq, head_dim), head dims 64 and 128, derives its scale from the head dim and
-subtracts the key mean in place).
+The Hub builds have the APIs of the libraries they package, so each is declared by its family's file (flash.py,
+aiter.py, sage.py) with that family's kernel function and capabilities, through :func:`define_hub`; this module
+holds what they share: the repositories, trust, pins and the download.
 """
 
 from __future__ import annotations
@@ -24,13 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from attnpatch import env, registry
-from attnpatch.backends import _kernels, aiter, flash, sage
-from attnpatch.backends._kernels import KernelFn
-from attnpatch.errors import BackendUnavailable
-from attnpatch.registry import Backend, CallSpec, Capabilities, register
+from attnpatch import env
+from attnpatch.backends import _probe
+from attnpatch.backends._define import define
+from attnpatch.core import registry
+from attnpatch.core.call import BackendFn, CallSpec
+from attnpatch.core.capabilities import Capabilities
+from attnpatch.core.registry import Backend
+from attnpatch.errors import BackendUnavailable, UnknownBackendError
 
 KERNELS_VERSION = "0.12"
 
@@ -62,7 +62,6 @@ _trusted: bool | None = None  # None: follow ATTNPATCH_TRUST_HUB_KERNELS
 _pins: dict[str, str] = {}
 _modules: dict[tuple[str, str], Any] = {}
 _failures: dict[tuple[str, str], str] = {}
-_backends: list[Backend] = []
 
 
 def trust_hub_kernels(enabled: bool = True) -> None:
@@ -79,7 +78,7 @@ def trust_hub_kernels(enabled: bool = True) -> None:
 def pin_hub_kernel(name: str, revision: str | None) -> None:
     """Fetch the Hub backend ``name`` at ``revision`` (a commit sha, tag or branch); None restores the default."""
     if name not in KERNELS:
-        raise registry.UnknownBackendError(f"{name!r} is not a Hub backend; Hub backends: {', '.join(sorted(KERNELS))}")
+        raise UnknownBackendError(f"{name!r} is not a Hub backend; Hub backends: {', '.join(sorted(KERNELS))}")
     if revision is None:
         _pins.pop(name, None)
     else:
@@ -119,7 +118,7 @@ def load(name: str) -> Any:
 
 
 def _download(repo_id: str, rev: str) -> Any:
-    get_kernel = _kernels.lib("kernels").get_kernel
+    get_kernel = _probe.lib("kernels").get_kernel
     kwargs: dict[str, Any] = {"revision": rev}
     # kernels >= 0.14 refuses repositories of organisations it does not list as trusted unless told otherwise;
     # the user's opt-in above is that permission.
@@ -160,21 +159,34 @@ def _trust_reason(name: str) -> str:
     )
 
 
+def forget_downloads() -> None:
+    """Forget loaded kernels and remembered failures (the next call loads again)."""
+    _modules.clear()
+    _invalidate()
+
+
+def reset() -> None:
+    """Back to the start: trust follows ATTNPATCH_TRUST_HUB_KERNELS, default revisions, nothing loaded or failed."""
+    global _trusted
+    _trusted = None
+    _pins.clear()
+    _modules.clear()
+    _invalidate()
+
+
 def _invalidate() -> None:
     _failures.clear()
-    for backend in _backends:
-        backend._reasons = None
-    registry._changed()
+    registry.refresh()
 
 
 def _requires(name: str) -> Callable[[], list[str]]:
     spec = KERNELS[name]
 
-    @_kernels.constant_for_compile  # see _kernels.requires
+    @_probe.constant_for_compile  # see _probe.requires
     def reasons() -> list[str]:
-        found = _kernels.package_reasons("kernels", "kernels", spec.min_kernels)
+        found = _probe.package_reasons("kernels", "kernels", spec.min_kernels)
         trust = [] if trusted() else [_trust_reason(name)]
-        return found + trust + _kernels.device_reasons(spec.device)
+        return found + trust + _probe.device_reasons(spec.device)
 
     return reasons
 
@@ -200,116 +212,26 @@ def _check(name: str, *more: Callable[[CallSpec], list[str]]) -> Callable[[CallS
     return check
 
 
-def _module(name: str) -> Callable[[], Any]:
+def module(name: str) -> Callable[[], Any]:
+    """The kernel module of the Hub backend ``name``, as a library getter for a family's kernel function."""
     return lambda: load(name)
 
 
-def sage3_kernel(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-) -> torch.Tensor:
-    """sageattn3_blackwell on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim)."""
-    heads, heads_kv = query.shape[2], key.shape[2]
-    if heads_kv != heads:
-        key = key.repeat_interleave(heads // heads_kv, dim=2)
-        value = value.repeat_interleave(heads // heads_kv, dim=2)
-    # (batch, heads, seq, head_dim), the layout it takes. The key is always copied: the kernel subtracts its mean
-    # in place, and a caller's key may already be (batch, heads, seq, head_dim) in memory, where no copy is made.
-    q, v = (t.transpose(1, 2).contiguous() for t in (query, value))
-    k = key.transpose(1, 2).clone(memory_format=torch.contiguous_format)
-    return load("sage_blackwell_hub").sageattn3_blackwell(q, k, v, is_causal=is_causal).transpose(1, 2)
+def define_hub(
+    name: str, kernel: BackendFn, caps: Capabilities, description: str, *checks: Callable[[CallSpec], list[str]]
+) -> Backend:
+    """Declare the Hub backend ``name`` (its repository in :data:`KERNELS`) with a family's kernel function.
 
-
-def _sage3_head_dims(call: CallSpec) -> list[str]:
-    # Its own code: "Unsupported Headdim" (sdpa instead) at >= 256; diffusers measured 64 and 128 as the only dims
-    # that compile and run (smaller ones are rejected, non powers of two fail in the Triton pre-pass).
-    if call.head_dim not in (64, 128):
-        return [f"sageattn3_blackwell takes head_dim 64 or 128, got {call.head_dim}"]
-    return []
-
-
-def _hub(
-    name: str, kernel: KernelFn, caps: Capabilities, description: str, *checks: Callable[[CallSpec], list[str]]
-) -> None:
-    backend = Backend(
+    Called by the family files (flash.py, aiter.py, sage.py) next to their pip backends: the availability
+    (kernels installed, trust, device) and the per-call check (``checks``, then the download) are the Hub's.
+    """
+    return define(
         name,
-        _kernels.external(name, kernel),
+        kernel,
         family="hub",
         caps=caps,
         requires=_requires(name),
         check=_check(name, *checks),
-        builtin=True,
         description=description,
+        kernel=True,
     )
-    _backends.append(backend)
-    register(backend)
-
-
-_hub(
-    "flash_hub",
-    flash.flash2_kernel(_module("flash_hub")),
-    flash.flash2_caps(flash.NO_MASK, priority=0),
-    "FlashAttention-2 from kernels-community/flash-attn2 (Hub, opt-in)",
-    _kernels.compiled_dropout_reasons,
-)
-_hub(
-    "flash_varlen_hub",
-    flash.flash2_varlen_kernel(_module("flash_varlen_hub")),
-    flash.flash2_caps(flash.KEY_PADDING, priority=0),
-    "FlashAttention-2 varlen from kernels-community/flash-attn2 (Hub, opt-in): key-padding masks",
-    _kernels.compiled_dropout_reasons,
-)
-_hub(
-    "_flash_3_hub",
-    flash.flash3_kernel(_module("_flash_3_hub")),
-    flash.flash3_caps(flash.NO_MASK, priority=0),
-    "FlashAttention-3 from kernels-community/flash-attn3 (Hub, opt-in); sm90",
-)
-_hub(
-    "_flash_3_varlen_hub",
-    flash.flash3_varlen_kernel(_module("_flash_3_varlen_hub")),
-    flash.flash3_caps(flash.KEY_PADDING, priority=0),
-    "FlashAttention-3 varlen from kernels-community/flash-attn3 (Hub, opt-in): key-padding masks; sm90",
-)
-_hub(
-    "flash_4_hub",
-    # FlashAttention-4 (flash_attn/cute/interface.py): the FA3 call; "Supported: 9.x, 10.x, 11.x", hdim <= 256 and
-    # a multiple of 8, fp16/bf16, no dropout, causal aligned bottom-right like every FlashAttention.
-    flash.flash3_kernel(_module("flash_4_hub")),
-    flash.flash3_caps(flash.NO_MASK, priority=0, max_compute_capability=(11, 0)),
-    "FlashAttention-4 (CuTe DSL) from kernels-community/flash-attn4 (Hub, opt-in); sm90-sm110",
-)
-_hub(
-    "aiter_fa2_hub",
-    aiter.aiter_kernel(_module("aiter_fa2_hub")),
-    aiter.aiter_caps(dtypes=frozenset({torch.bfloat16}), priority=0),
-    "AITER FlashAttention from kernels-community/aiter-flash-attn-ck (Hub, opt-in); ROCm, bf16",
-    _kernels.compiled_dropout_reasons,
-)
-_hub(
-    "sage_hub",
-    sage.sage_kernel("sageattn", _module("sage_hub")),
-    sage.sage_caps(priority=0),
-    "SageAttention from SageAttention/sage-attention (Hub, opt-in); INT8, lossy",
-    sage.sage_check("sageattn", archs=sage.SAGEATTN_ARCHS, package=False),
-)
-_hub(
-    "sage_blackwell_hub",
-    sage3_kernel,
-    sage.sage_caps(
-        scale=False,
-        min_compute_capability=(10, 0),
-        max_compute_capability=(12, 0),
-        tolerance={torch.float16: (0.25, 0.25), torch.bfloat16: (0.25, 0.25)},  # FP4
-        priority=0,
-    ),
-    "SageAttention3 (FP4) for Blackwell from SageAttention/sage-blackwell (Hub, opt-in); lossy",
-    lambda call: _kernels.capability_in(call, ((10, 0), (12, 0)), "the architectures it is built for"),
-    lambda call: _kernels.same_length_causal(call, "SageAttention3"),
-    _sage3_head_dims,
-)

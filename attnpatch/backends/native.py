@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnpatch import masks
-from attnpatch.registry import MASK_NONE, Backend, CallSpec, Capabilities, cuda_reasons, register
+from attnpatch.backends._define import define
+from attnpatch.backends._probe import cuda_reasons
+from attnpatch.core import masks
+from attnpatch.core.call import MASK_NONE, CallSpec
+from attnpatch.core.capabilities import Capabilities
 
 HALF = frozenset({torch.float16, torch.bfloat16})
 
@@ -69,42 +72,33 @@ def _pinned(kernel: SDPBackend, expand_gqa: bool = False) -> Callable[..., torch
     return run
 
 
-register(
-    Backend(
-        "native",
-        native,
-        family="native",
-        caps=Capabilities(priority=10),
-        builtin=True,
-        description="torch.nn.functional.scaled_dot_product_attention, kernel chosen by torch",
-    ),
+define(
+    "native",
+    native,
+    family="native",
+    caps=Capabilities(priority=10),
+    description="torch.nn.functional.scaled_dot_product_attention, kernel chosen by torch",
     aliases=("sdpa", "torch", "default", "_native"),
 )
-register(
-    Backend(
-        "_native_math",
-        _pinned(SDPBackend.MATH),
-        family="native",
-        caps=Capabilities(),  # priority 0: a reference, never picked by `auto`
-        builtin=True,
-        description="SDPA pinned to the math (reference) kernel: any device and dtype, slowest",
-    ),
+define(
+    "_native_math",
+    _pinned(SDPBackend.MATH),
+    family="native",
+    caps=Capabilities(),  # priority 0: a reference, never picked by `auto`
+    description="SDPA pinned to the math (reference) kernel: any device and dtype, slowest",
     aliases=("math", "_native_math_sdpa"),
 )
 
-register(
-    Backend(
-        "_native_flash",
-        _pinned(SDPBackend.FLASH_ATTENTION),
-        family="native",
-        # The CPU flash kernel takes masks, fp32/fp64 and any head dim but no dropout; the CUDA one (FA2
-        # inside torch) takes fp16/bf16, head_dim <= 256 and no arbitrary mask.
-        # On CPU `native` already picks this kernel when it can, so `auto` ranks it only on CUDA.
-        caps=Capabilities(devices=frozenset({"cpu", "cuda"}), priority={"cuda": 40}),
-        check=lambda call: _flash_sdpa_reasons(call),
-        builtin=True,
-        description="SDPA pinned to its FlashAttention kernel (torch's bundled FA2 on CUDA, its own on CPU)",
-    )
+define(
+    "_native_flash",
+    _pinned(SDPBackend.FLASH_ATTENTION),
+    family="native",
+    # The CPU flash kernel takes masks, fp32/fp64 and any head dim but no dropout; the CUDA one (FA2
+    # inside torch) takes fp16/bf16, head_dim <= 256 and no arbitrary mask.
+    # On CPU `native` already picks this kernel when it can, so `auto` ranks it only on CUDA.
+    caps=Capabilities(devices=frozenset({"cpu", "cuda"}), priority={"cuda": 40}),
+    check=lambda call: _flash_sdpa_reasons(call),
+    description="SDPA pinned to its FlashAttention kernel (torch's bundled FA2 on CUDA, its own on CPU)",
 )
 
 
@@ -125,42 +119,36 @@ def _flash_sdpa_reasons(call: CallSpec) -> list[str]:
     return reasons
 
 
-register(
-    Backend(
-        "_native_efficient",
-        _pinned(SDPBackend.EFFICIENT_ATTENTION, expand_gqa=True),
-        family="native",
-        caps=Capabilities(
-            devices=frozenset({"cuda"}),
-            dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-            head_dim_multiple=8,
-            gqa=True,  # served by repeating key/value heads
-            priority=30,
-        ),
-        requires=cuda_reasons,
-        builtin=True,
-        description="SDPA pinned to its memory-efficient (xFormers-derived) kernel; CUDA",
+define(
+    "_native_efficient",
+    _pinned(SDPBackend.EFFICIENT_ATTENTION, expand_gqa=True),
+    family="native",
+    caps=Capabilities(
+        devices=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        head_dim_multiple=8,
+        gqa=True,  # served by repeating key/value heads
+        priority=30,
     ),
+    requires=cuda_reasons,
+    description="SDPA pinned to its memory-efficient (xFormers-derived) kernel; CUDA",
     aliases=("efficient", "mem_efficient"),
 )
 
-register(
-    Backend(
-        "_native_cudnn",
-        _pinned(SDPBackend.CUDNN_ATTENTION, expand_gqa=True),
-        family="native",
-        caps=Capabilities(
-            devices=frozenset({"cuda"}),
-            dtypes=HALF,
-            max_head_dim=128,
-            head_dim_multiple=8,
-            same_v_head_dim=True,
-            min_compute_capability=(8, 0),
-            priority=45,
-        ),
-        requires=cuda_reasons,
-        builtin=True,
-        description="SDPA pinned to its cuDNN attention kernel; CUDA, compute capability >= 8.0",
+define(
+    "_native_cudnn",
+    _pinned(SDPBackend.CUDNN_ATTENTION, expand_gqa=True),
+    family="native",
+    caps=Capabilities(
+        devices=frozenset({"cuda"}),
+        dtypes=HALF,
+        max_head_dim=128,
+        head_dim_multiple=8,
+        same_v_head_dim=True,
+        min_compute_capability=(8, 0),
+        priority=45,
     ),
+    requires=cuda_reasons,
+    description="SDPA pinned to its cuDNN attention kernel; CUDA, compute capability >= 8.0",
     aliases=("cudnn",),
 )

@@ -23,10 +23,12 @@ import functools
 
 import torch
 
-from attnpatch import masks
-from attnpatch.backends import _kernels
-from attnpatch.backends._kernels import HALF
-from attnpatch.registry import MASK_BOOL, MASK_KEY_PADDING, MASK_NONE, Backend, Capabilities, register
+from attnpatch.backends import _probe
+from attnpatch.backends._define import define
+from attnpatch.backends._probe import HALF
+from attnpatch.core import masks
+from attnpatch.core.call import MASK_BOOL, MASK_KEY_PADDING, MASK_NONE
+from attnpatch.core.capabilities import Capabilities
 
 LEFT_UP_CAUSAL = 2  # sparse_mode
 COMPRESSED_MASK = 2048
@@ -49,7 +51,7 @@ def native_npu(
     enable_gqa: bool,
 ) -> torch.Tensor:
     """npu_fusion_attention on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim), BSND."""
-    npu_fusion_attention = _kernels.lib("torch_npu").npu_fusion_attention
+    npu_fusion_attention = _probe.lib("torch_npu").npu_fusion_attention
     extra: dict[str, object] = {}
     if attn_mask is not None:
         b, h, _, seq_kv = attn_mask.shape
@@ -71,25 +73,22 @@ def native_npu(
     return masks.zero_fully_masked(out, attn_mask)
 
 
-register(
-    Backend(
-        "_native_npu",
-        native_npu,
-        family="npu",
-        caps=Capabilities(
-            devices=frozenset({"npu"}),
-            dtypes=HALF,
-            max_head_dim=512,
-            head_dim_multiple=16,
-            same_v_head_dim=True,
-            masks=frozenset({MASK_NONE, MASK_KEY_PADDING, MASK_BOOL}),
-            deterministic=False,
-            priority=50,  # on NPUs the alternative is native SDPA (10)
-        ),
-        requires=_kernels.requires("torch_npu", "torch-npu", device=None),
-        check=_kernels.library_check("torch_npu", replayed=False),  # called directly, not through the op
-        builtin=True,
-        description="torch_npu.npu_fusion_attention (Ascend); bool/key-padding masks, top-left causal",
+define(
+    "_native_npu",
+    native_npu,
+    family="npu",
+    caps=Capabilities(
+        devices=frozenset({"npu"}),
+        dtypes=HALF,
+        max_head_dim=512,
+        head_dim_multiple=16,
+        same_v_head_dim=True,
+        masks=frozenset({MASK_NONE, MASK_KEY_PADDING, MASK_BOOL}),
+        deterministic=False,
+        priority=50,  # on NPUs the alternative is native SDPA (10)
     ),
+    requires=_probe.requires("torch_npu", "torch-npu", device=None),
+    check=_probe.library_check("torch_npu", replayed=False),  # called directly, not through the op
+    description="torch_npu.npu_fusion_attention (Ascend); bool/key-padding masks, top-left causal",
     aliases=("npu", "npu_fusion_attention", "native_npu"),
 )

@@ -26,10 +26,12 @@ from typing import Any
 
 import torch
 
-from attnpatch import registry
-from attnpatch.backends import _kernels
-from attnpatch.backends._kernels import HALF, KernelFn
-from attnpatch.registry import MASK_KEY_PADDING, MASK_NONE, Backend, CallSpec, Capabilities, register
+from attnpatch.backends import _probe, _varlen, hub
+from attnpatch.backends._define import define
+from attnpatch.backends._probe import HALF
+from attnpatch.core.call import MASK_KEY_PADDING, MASK_NONE, BackendFn, CallSpec
+from attnpatch.core.capabilities import Capabilities
+from attnpatch.core.versions import version_tuple
 
 # sageattn's own dispatch table in 2.1.1 (core.py): any other architecture raises ValueError inside the call.
 SAGEATTN_ARCHS = ((8, 0), (8, 6), (8, 9), (9, 0), (12, 0))
@@ -42,10 +44,10 @@ FP8_TOLERANCE = {torch.float16: (8e-2, 8e-2), torch.bfloat16: (8e-2, 8e-2)}
 
 
 def _library() -> Any:
-    return _kernels.lib("sageattention")
+    return _probe.lib("sageattention")
 
 
-@_kernels.constant_for_compile
+@_probe.constant_for_compile
 def _major_version() -> int:
     # From the distribution metadata when there is one (no import needed), else from the imported module. A
     # constant for torch.compile, which cannot trace into importlib.metadata.
@@ -53,7 +55,7 @@ def _major_version() -> int:
         version = importlib.metadata.version("sageattention")
     except importlib.metadata.PackageNotFoundError:
         version = getattr(sys.modules.get("sageattention"), "__version__", "2")
-    parts = registry._version_tuple(version)
+    parts = version_tuple(version)
     return parts[0] if parts else 2
 
 
@@ -62,7 +64,7 @@ def _mutates_key(library: Any) -> bool:
     return not hasattr(library, "sageattn_qk_int8_pv_fp16_cuda")
 
 
-def sage_kernel(function: str, library: Callable[[], Any] = _library, per_warp_on_sm12: bool = False) -> KernelFn:
+def sage_kernel(function: str, library: Callable[[], Any] = _library, per_warp_on_sm12: bool = False) -> BackendFn:
     """``library().<function>(q, k, v, tensor_layout="NHD", ...)`` as a dispatcher kernel."""
 
     def sage(
@@ -73,14 +75,15 @@ def sage_kernel(function: str, library: Callable[[], Any] = _library, per_warp_o
         dropout_p: float,
         is_causal: bool,
         scale: float | None,
+        enable_gqa: bool,
     ) -> torch.Tensor:
         """SageAttention on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim), NHD."""
         module = library()
-        query, key, value = (_kernels.last_dim_contiguous(t) for t in (query, key, value))
+        query, key, value = (_probe.last_dim_contiguous(t) for t in (query, key, value))
         if _mutates_key(module):
             key = key.clone()
         extra: dict[str, Any] = {}
-        if per_warp_on_sm12 and _kernels.compute_capability(query.device.index)[0] == 12:
+        if per_warp_on_sm12 and _probe.compute_capability(query.device.index)[0] == 12:
             extra["qk_quant_gran"] = "per_warp"
         return getattr(module, function)(
             query, key, value, tensor_layout="NHD", is_causal=is_causal, sm_scale=scale, **extra
@@ -90,7 +93,7 @@ def sage_kernel(function: str, library: Callable[[], Any] = _library, per_warp_o
     return sage
 
 
-def sage_varlen_kernel(library: Callable[[], Any] = _library) -> KernelFn:
+def sage_varlen_kernel(library: Callable[[], Any] = _library) -> BackendFn:
     """``sageattn_varlen`` serving key-padding masks (keys packed with cu_seqlens, queries kept)."""
 
     def sage_varlen(
@@ -101,26 +104,21 @@ def sage_varlen_kernel(library: Callable[[], Any] = _library) -> KernelFn:
         dropout_p: float,
         is_causal: bool,
         scale: float | None,
+        enable_gqa: bool,
     ) -> torch.Tensor:
         """sageattn_varlen on packed keys; query (batch, seq_q, heads, head_dim) -> same layout out."""
         module = library()
-        batch, seq_q = query.shape[0], query.shape[1]
-        query, key, value = (_kernels.last_dim_contiguous(t) for t in (query, key, value))
-        packed_key, packed_value, cu_seqlens_k = _kernels.pack_keys(key, value, attn_mask)
-        if _mutates_key(module):
-            packed_key = packed_key.clone()  # without a mask, packing is a view of the caller's key
-        out = module.sageattn_varlen(
-            query.flatten(0, 1),
-            packed_key,
-            packed_value,
-            _kernels.cu_seqlens(batch, seq_q, query.device),
-            cu_seqlens_k,
-            seq_q,
-            key.shape[1],
+        query, key, value = (_probe.last_dim_contiguous(t) for t in (query, key, value))
+        return _varlen.run_varlen(
+            module.sageattn_varlen,
+            query,
+            key,
+            value,
+            attn_mask,
+            copy_key=_mutates_key(module),
             is_causal=is_causal,
             sm_scale=scale,
         )
-        return _kernels.varlen_output(out, batch, attn_mask)
 
     return sage_varlen
 
@@ -153,14 +151,14 @@ def sage_check(
 ) -> Callable[[CallSpec], list[str]]:
     """Per-call reasons for one SageAttention entry point (see the module docstring for each rule's source).
 
-    ``package=False`` is for the Hub build (attnpatch/backends/hub.py): no import of, or version read from, the
+    ``package=False`` is for the Hub build (``sage_hub``, below): no import of, or version read from, the
     ``sageattention`` package.
     """
 
     def check(call: CallSpec) -> list[str]:
-        reasons = _kernels.same_length_causal(call, "SageAttention")
+        reasons = _probe.same_length_causal(call, "SageAttention")
         if package:
-            reasons += _kernels.import_reasons("sageattention", call)
+            reasons += _probe.import_reasons("sageattention", call)
         if reasons:
             return reasons
         v1 = package and _major_version() < 2
@@ -171,8 +169,8 @@ def sage_check(
                 "(sageattention>=2.1.1 pads any head_dim <= 128)"
             )
         if archs is not None and not v1:
-            reasons += _kernels.capability_in(call, archs, f"the architectures {function} dispatches to")
-        if triton and call.device_type == "cuda" and _kernels.compute_capability(call.device_index)[0] == 12:
+            reasons += _probe.capability_in(call, archs, f"the architectures {function} dispatches to")
+        if triton and call.device_type == "cuda" and _probe.compute_capability(call.device_index)[0] == 12:
             reasons.append(
                 "SageAttention's Triton kernels are not usable on compute capability 12.x (per sageattention)"
             )
@@ -185,31 +183,29 @@ def sage_check(
     return check
 
 
-def _register(
+def _define(
     name: str,
-    kernel: KernelFn,
+    kernel: BackendFn,
     caps: Capabilities,
     check: Callable[[CallSpec], list[str]],
     min_version: str,
     description: str,
     aliases: tuple[str, ...] = (),
 ) -> None:
-    register(
-        Backend(
-            name,
-            _kernels.external(name, kernel),
-            family="sage",
-            caps=caps,
-            requires=_kernels.requires("sageattention", "sageattention", min_version),
-            check=check,
-            builtin=True,
-            description=description,
-        ),
+    define(
+        name,
+        kernel,
+        family="sage",
+        caps=caps,
+        requires=_probe.requires("sageattention", "sageattention", min_version),
+        check=check,
+        description=description,
         aliases=aliases,
+        kernel=True,
     )
 
 
-_register(
+_define(
     "sage",
     sage_kernel("sageattn"),
     sage_caps(priority=70),
@@ -218,7 +214,7 @@ _register(
     "sageattention.sageattn: picks the kernel for this GPU; INT8, lossy, no mask/dropout/backward",
     aliases=("sage_attn", "sageattn", "sage_attention", "sageattention"),
 )
-_register(
+_define(
     "sage_varlen",
     sage_varlen_kernel(),
     sage_caps(frozenset({MASK_NONE, MASK_KEY_PADDING}), priority=62),
@@ -227,7 +223,7 @@ _register(
     "sageattention.sageattn_varlen: key-padding masks as packed sequences; INT8 (Triton), lossy",
     aliases=("sageattn_varlen", "sage_attn_varlen"),
 )
-_register(
+_define(
     "_sage_qk_int8_pv_fp8_cuda",
     sage_kernel("sageattn_qk_int8_pv_fp8_cuda", per_warp_on_sm12=True),
     sage_caps(min_compute_capability=(8, 9), tolerance=FP8_TOLERANCE, priority=67),
@@ -235,7 +231,7 @@ _register(
     "2.1.1",
     "SageAttention2 INT8 QK + FP8 PV CUDA kernel (sm89+, the Ada kernel); lossy",
 )
-_register(
+_define(
     "_sage_qk_int8_pv_fp8_cuda_sm90",
     sage_kernel("sageattn_qk_int8_pv_fp8_cuda_sm90"),
     sage_caps(min_compute_capability=(9, 0), max_compute_capability=(9, 0), tolerance=FP8_TOLERANCE, priority=68),
@@ -243,7 +239,7 @@ _register(
     "2.1.1",
     "SageAttention2 INT8 QK + FP8 PV CUDA kernel for Hopper (sm90 only); lossy",
 )
-_register(
+_define(
     "_sage_qk_int8_pv_fp16_cuda",
     sage_kernel("sageattn_qk_int8_pv_fp16_cuda", per_warp_on_sm12=True),
     sage_caps(priority=66),
@@ -251,11 +247,70 @@ _register(
     "2.1.1",
     "SageAttention2 INT8 QK + FP16 PV CUDA kernel (sm80+); lossy",
 )
-_register(
+_define(
     "_sage_qk_int8_pv_fp16_triton",
     sage_kernel("sageattn_qk_int8_pv_fp16_triton"),
     sage_caps(priority=64),
     sage_check("sageattn_qk_int8_pv_fp16_triton", triton=True),
     "2.1.1",
     "SageAttention INT8 QK + FP16 PV Triton kernel (sm80+); lossy",
+)
+
+
+# ----- SageAttention from the Hugging Face Hub (opt-in; see attnpatch/backends/hub.py) ---------------------------
+# SageAttention3 for Blackwell takes (batch, heads, seq, head_dim), head dims 64 and 128, derives its scale from
+# the head dim and subtracts the key mean in place.
+
+
+def sage3_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> torch.Tensor:
+    """sageattn3_blackwell on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim)."""
+    heads, heads_kv = query.shape[2], key.shape[2]
+    if heads_kv != heads:
+        key = key.repeat_interleave(heads // heads_kv, dim=2)
+        value = value.repeat_interleave(heads // heads_kv, dim=2)
+    # (batch, heads, seq, head_dim), the layout it takes. The key is always copied: the kernel subtracts its mean
+    # in place, and a caller's key may already be (batch, heads, seq, head_dim) in memory, where no copy is made.
+    q, v = (t.transpose(1, 2).contiguous() for t in (query, value))
+    k = key.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+    return hub.load("sage_blackwell_hub").sageattn3_blackwell(q, k, v, is_causal=is_causal).transpose(1, 2)
+
+
+def _sage3_head_dims(call: CallSpec) -> list[str]:
+    # Its own code: "Unsupported Headdim" (sdpa instead) at >= 256; diffusers measured 64 and 128 as the only dims
+    # that compile and run (smaller ones are rejected, non powers of two fail in the Triton pre-pass).
+    if call.head_dim not in (64, 128):
+        return [f"sageattn3_blackwell takes head_dim 64 or 128, got {call.head_dim}"]
+    return []
+
+
+hub.define_hub(
+    "sage_hub",
+    sage_kernel("sageattn", hub.module("sage_hub")),
+    sage_caps(priority=0),
+    "SageAttention from SageAttention/sage-attention (Hub, opt-in); INT8, lossy",
+    sage_check("sageattn", archs=SAGEATTN_ARCHS, package=False),
+)
+hub.define_hub(
+    "sage_blackwell_hub",
+    sage3_kernel,
+    sage_caps(
+        scale=False,
+        min_compute_capability=(10, 0),
+        max_compute_capability=(12, 0),
+        tolerance={torch.float16: (0.25, 0.25), torch.bfloat16: (0.25, 0.25)},  # FP4
+        priority=0,
+    ),
+    "SageAttention3 (FP4) for Blackwell from SageAttention/sage-blackwell (Hub, opt-in); lossy",
+    lambda call: _probe.capability_in(call, ((10, 0), (12, 0)), "the architectures it is built for"),
+    lambda call: _probe.same_length_causal(call, "SageAttention3"),
+    _sage3_head_dims,
 )

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from attnpatch import masks
-from attnpatch.backends import _kernels
-from attnpatch.registry import ALL_MASKS, Backend, CallSpec, Capabilities, register
+from attnpatch.backends import _probe
+from attnpatch.backends._define import define
+from attnpatch.core import masks
+from attnpatch.core.call import ALL_MASKS, CallSpec
+from attnpatch.core.capabilities import Capabilities
 
 XFORMERS_VERSION = "0.0.29"
 ALIGNMENT = 8  # keys; 16 bytes of fp16/bf16 (fp32 needs 4, which 8 satisfies)
@@ -35,11 +37,12 @@ def xformers_kernel(
     dropout_p: float,
     is_causal: bool,
     scale: float | None,
+    enable_gqa: bool,
 ) -> torch.Tensor:
     """memory_efficient_attention on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim)."""
-    ops = _kernels.lib("xformers.ops")
+    ops = _probe.lib("xformers.ops")
     heads, heads_kv = query.shape[2], key.shape[2]
-    query, key, value = (_kernels.last_dim_contiguous(t) for t in (query, key, value))
+    query, key, value = (_probe.last_dim_contiguous(t) for t in (query, key, value))
     groups = heads_kv if heads_kv != heads else None
     if groups is not None:
         per_group = heads // heads_kv
@@ -82,28 +85,26 @@ def aligned_bias(
 
 def _bfloat16_needs_sm80(call: CallSpec) -> list[str]:
     if call.dtype == torch.bfloat16 and call.device_type == "cuda":
-        cc = _kernels.compute_capability(call.device_index)
+        cc = _probe.compute_capability(call.device_index)
         if cc < (8, 0):
             return [f"xformers runs bfloat16 on compute capability >= 8.0 only, found {cc[0]}.{cc[1]}"]
     return []
 
 
-register(
-    Backend(
-        "xformers",
-        _kernels.external("xformers", xformers_kernel),
-        family="xformers",
-        caps=Capabilities(
-            devices=frozenset({"cuda"}),
-            dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-            masks=ALL_MASKS,
-            deterministic=False,
-            priority=35,
-        ),
-        requires=_kernels.requires("xformers", "xformers", XFORMERS_VERSION),
-        check=_kernels.library_check("xformers.ops", _bfloat16_needs_sm80),
-        builtin=True,
-        description="xformers.ops.memory_efficient_attention; every mask as an aligned attn_bias",
+define(
+    "xformers",
+    xformers_kernel,
+    family="xformers",
+    caps=Capabilities(
+        devices=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        masks=ALL_MASKS,
+        deterministic=False,
+        priority=35,
     ),
+    requires=_probe.requires("xformers", "xformers", XFORMERS_VERSION),
+    check=_probe.library_check("xformers.ops", _bfloat16_needs_sm80),
+    description="xformers.ops.memory_efficient_attention; every mask as an aligned attn_bias",
+    kernel=True,
     aliases=("xformers_attn", "mem_efficient_xformers"),
 )

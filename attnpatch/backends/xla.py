@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
-from attnpatch.backends import _kernels
-from attnpatch.registry import MASK_NONE, Backend, Capabilities, register
+from attnpatch.backends import _probe
+from attnpatch.backends._define import define
+from attnpatch.core.call import MASK_NONE
+from attnpatch.core.capabilities import Capabilities
 
 XLA_VERSION = "2.2"
 KERNEL_MODULE = "torch_xla.experimental.custom_kernel"
@@ -44,7 +46,7 @@ def native_xla(
     enable_gqa: bool,
 ) -> torch.Tensor:
     """torch_xla flash_attention on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim)."""
-    flash_attention = _kernels.lib(KERNEL_MODULE).flash_attention
+    flash_attention = _probe.lib(KERNEL_MODULE).flash_attention
     heads, heads_kv = query.shape[2], key.shape[2]
     if heads_kv != heads:  # the kernel wants one key head per query head
         key = key.repeat_interleave(heads // heads_kv, dim=2)
@@ -58,22 +60,19 @@ def native_xla(
     return out.transpose(1, 2)
 
 
-register(
-    Backend(
-        "_native_xla",
-        native_xla,
-        family="xla",
-        caps=Capabilities(
-            devices=frozenset({"xla"}),
-            dtypes=frozenset({torch.float32, torch.bfloat16}),
-            masks=frozenset({MASK_NONE}),
-            dropout=False,
-            priority=50,  # on XLA devices the alternative is native SDPA (10)
-        ),
-        requires=_kernels.requires("torch_xla", "torch-xla", XLA_VERSION, device=None),
-        check=_kernels.library_check(KERNEL_MODULE, replayed=False),  # called directly, not through the op
-        builtin=True,
-        description="torch_xla Pallas flash_attention (TPU); custom scale honoured, GQA by repeating key heads",
+define(
+    "_native_xla",
+    native_xla,
+    family="xla",
+    caps=Capabilities(
+        devices=frozenset({"xla"}),
+        dtypes=frozenset({torch.float32, torch.bfloat16}),
+        masks=frozenset({MASK_NONE}),
+        dropout=False,
+        priority=50,  # on XLA devices the alternative is native SDPA (10)
     ),
+    requires=_probe.requires("torch_xla", "torch-xla", XLA_VERSION, device=None),
+    check=_probe.library_check(KERNEL_MODULE, replayed=False),  # called directly, not through the op
+    description="torch_xla Pallas flash_attention (TPU); custom scale honoured, GQA by repeating key heads",
     aliases=("xla", "xla_flash", "native_xla"),
 )

@@ -28,9 +28,7 @@ functions, whereas a wrapt ``FunctionWrapper`` as a class's ``__call__`` makes D
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import sys
-import threading
 import types
 import weakref
 from collections.abc import Callable
@@ -38,8 +36,11 @@ from typing import Any
 
 import torch
 
-from attnpatch import dispatch, registry
+from attnpatch.core import dispatch
+from attnpatch.core import selection as selection_module
+from attnpatch.core.versions import distribution_version, version_tuple
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, sdpa, state
+from attnpatch.patchers._base import Patcher, code_names
 
 DISPATCH_MODULE = "diffusers.models.attention_dispatch"
 # Modules that define processor classes and ``set_processor``; hooked so their classes are ready as they load.
@@ -54,53 +55,48 @@ SDPA = "sdpa"
 BOTH = "dispatcher+sdpa"
 _TARGETS = {"dispatch_attention_fn": DISPATCHER, "scaled_dot_product_attention": SDPA}
 
-_lock = threading.RLock()
-_installed = False
-_hooked: set[str] = set()
 _original_dispatch: Callable[..., torch.Tensor] | None = None
 _replacement_dispatch: Callable[..., torch.Tensor] | None = None
-# class -> (original __call__ / set_processor, our wrapper), for uninstall.
-_wrapped_calls: dict[type, tuple[Callable[..., Any], Callable[..., Any]]] = {}
-_wrapped_setters: dict[type, tuple[Callable[..., Any], Callable[..., Any]]] = {}
 _kinds: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionary()
 
 
-def install() -> None:
-    """Hook the dispatcher module and the processor modules; wrap what is already imported. Idempotent."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _installed = True
+class DiffusersPatcher(Patcher):
+    library = "diffusers"
+
+    def _install(self) -> None:
+        # Hook the dispatcher module and the processor modules; wrap what is already imported.
         sdpa.acquire()
-        _when_imported(DISPATCH_MODULE, _patch_dispatcher)
+        self.when_imported(DISPATCH_MODULE, _patch_dispatcher)
         for name in PROCESSOR_MODULES:
-            _when_imported(name, _sweep_module)
+            self.when_imported(name, _sweep_module)
         for name, module in list(sys.modules.items()):
             if name.startswith("diffusers.") and module is not None:
                 _sweep_module(module)
 
-
-def uninstall() -> None:
-    """Restore every function and class attribute we replaced. Idempotent."""
-    global _installed, _original_dispatch, _replacement_dispatch
-    with _lock:
-        if not _installed:
-            return
-        _installed = False
+    def _uninstall(self) -> None:
+        # Restore every function and class attribute we replaced.
+        global _original_dispatch, _replacement_dispatch
         if _original_dispatch is not None and _replacement_dispatch is not None:
             _rebind(_replacement_dispatch, _original_dispatch)
         _original_dispatch = _replacement_dispatch = None
-        for table, attr in ((_wrapped_calls, "__call__"), (_wrapped_setters, "set_processor")):
-            for owner, (original, wrapper) in table.items():
-                if owner.__dict__.get(attr) is wrapper:
-                    setattr(owner, attr, original)
-            table.clear()
+        PATCHER.patches.restore()
         sdpa.release()
 
+    def attention_modules(self, root: Any) -> list[tuple[str, Any]]:
+        return attention_modules(root)
 
-def installed() -> bool:
-    return _installed
+    def skipped_modules(self, root: Any) -> list[tuple[str, str]]:
+        return skipped_modules(root)
+
+    def unsupported(self) -> list[str]:
+        return unsupported()
+
+
+PATCHER = DiffusersPatcher()
+_lock = PATCHER.lock
+install = PATCHER.install
+uninstall = PATCHER.uninstall
+installed = PATCHER.installed
 
 
 def attention_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -110,7 +106,7 @@ def attention_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]
         processor = _processor_of(module)
         if processor is None or processor_kind(type(processor)) is None:
             continue
-        if _installed:
+        if installed():
             _ensure_wrapped(type(processor))
         found.append((name, module))
     return found
@@ -131,7 +127,7 @@ def unsupported() -> list[str]:
     version = _version()
     if version is None:
         return []
-    found = registry._version_tuple(version)[:2]
+    found = version_tuple(version)[:2]
     reasons = []
     if found < OLDEST_SUPPORTED:
         reasons.append(
@@ -193,12 +189,7 @@ def _referenced_names(function: types.FunctionType, owner: type, depth: int) -> 
     # Global and attribute names used by the function's code (nested code objects included), plus, one level
     # deep, those of the module-level functions and methods of the class it calls: a processor that hands its
     # q/k/v to a helper which calls the dispatcher is still a dispatcher processor.
-    names: set[str] = set()
-    stack = [function.__code__]
-    while stack:
-        code = stack.pop()
-        names.update(code.co_names)
-        stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    names = set(code_names(function.__code__))
     if depth > 0 and not names & _TARGETS.keys():
         for name in list(names):
             helper = function.__globals__.get(name)
@@ -212,18 +203,17 @@ def _referenced_names(function: types.FunctionType, owner: type, depth: int) -> 
 def _ensure_wrapped(cls: type) -> None:
     kind = processor_kind(cls)
     owner = _call_owner(cls)
-    if kind is None or owner is None or owner in _wrapped_calls:
+    if kind is None or owner is None or PATCHER.patches.patched(owner, "__call__"):
         return
     with _lock:
-        if not _installed or owner in _wrapped_calls:
+        if not installed() or PATCHER.patches.patched(owner, "__call__"):
             return
         original = owner.__dict__["__call__"]
         if getattr(original, "_attnpatch_kind", None):
             return
         wrapper = _wrap_call(original, redirect_sdpa=kind in (SDPA, BOTH))
         wrapper._attnpatch_kind = kind  # type: ignore[attr-defined]
-        _wrapped_calls[owner] = (original, wrapper)
-        owner.__call__ = wrapper  # type: ignore[method-assign]
+        PATCHER.patches.replace(owner, "__call__", wrapper)
 
 
 def _wrap_call(original: Callable[..., Any], redirect_sdpa: bool) -> Callable[..., Any]:
@@ -234,15 +224,15 @@ def _wrap_call(original: Callable[..., Any], redirect_sdpa: bool) -> Callable[..
         selection = getattr(attn, MODULE_ATTR, None)
         if selection is None and not state.route_all:
             return original(self, *args, **kwargs)
-        chain = None if selection is None else dispatch.resolve(selection)
-        saved = dispatch.push_module(chain, getattr(attn, SITE_ATTR, None))
+        chain = None if selection is None else selection_module.resolve(selection)
+        saved = selection_module.push_module(chain, getattr(attn, SITE_ATTR, None))
         depth = sdpa.enter() if redirect_sdpa else 0
         try:
             return original(self, *args, **kwargs)
         finally:
             if redirect_sdpa:
                 sdpa.leave(depth)
-            dispatch.pop_module(saved)
+            selection_module.pop_module(saved)
 
     return __call__
 
@@ -251,24 +241,23 @@ def _wrap_setter(owner: type) -> None:
     # A processor set after install (a model built later, IP-Adapter, fused QKV) gets its class wrapped here,
     # before its first call.
     original = owner.__dict__["set_processor"]
-    if owner in _wrapped_setters or getattr(original, "_attnpatch_setter", False):
+    if PATCHER.patches.patched(owner, "set_processor") or getattr(original, "_attnpatch_setter", False):
         return
 
     @functools.wraps(original)
     def set_processor(self: Any, processor: Any, *args: Any, **kwargs: Any) -> Any:
-        if _installed and processor is not None:
+        if installed() and processor is not None:
             _ensure_wrapped(type(processor))
         return original(self, processor, *args, **kwargs)
 
     set_processor._attnpatch_setter = True  # type: ignore[attr-defined]
-    _wrapped_setters[owner] = (original, set_processor)
-    owner.set_processor = set_processor  # type: ignore[attr-defined]
+    PATCHER.patches.replace(owner, "set_processor", set_processor)
 
 
 def _sweep_module(module: types.ModuleType) -> None:
     """Wrap the processor classes and set_processor methods defined in ``module``."""
     with _lock:
-        if not _installed:
+        if not installed():
             return
         name = module.__name__
         for value in list(vars(module).values()):
@@ -284,7 +273,7 @@ def _patch_dispatcher(module: types.ModuleType) -> None:
     global _original_dispatch, _replacement_dispatch
     with _lock:
         original = module.__dict__.get("dispatch_attention_fn")
-        if not _installed or not callable(original) or getattr(original, "_attnpatch_dispatch", False):
+        if not installed() or not callable(original) or getattr(original, "_attnpatch_dispatch", False):
             return
         _original_dispatch = original
         _replacement_dispatch = _wrap_dispatch(original)
@@ -317,7 +306,7 @@ def _wrap_dispatch(original: Callable[..., torch.Tensor]) -> Callable[..., torch
         **options: Any,
     ) -> torch.Tensor:
         """query: (batch, seq_q, heads, head_dim); key/value: (batch, seq_kv, heads_kv, head_dim)."""
-        if state.route_all or dispatch._local.module is not None:
+        if state.route_all or selection_module.module_selection() is not None:
             reason = _dispatch_passthrough_reason(attention_kwargs, backend, options)
             mask = attn_mask
             if reason is None and attn_mask is not None:
@@ -325,7 +314,7 @@ def _wrap_dispatch(original: Callable[..., torch.Tensor]) -> Callable[..., torch
             if reason is None:
                 return sdpa.route(query, key, value, mask, dropout_p, is_causal, scale, enable_gqa)
             if not torch.compiler.is_compiling():
-                dispatch.note_passthrough(dispatch._local.site, reason)
+                dispatch.note_passthrough(selection_module.current_site(), reason)
         return original(
             query,
             key,
@@ -390,25 +379,5 @@ def _processor_of(module: torch.nn.Module) -> Any:
     return processor
 
 
-def _when_imported(name: str, patch: Callable[[types.ModuleType], None]) -> None:
-    module = sys.modules.get(name)
-    if module is not None:
-        patch(module)
-        return
-    if name in _hooked:
-        return  # a hook is already waiting for this module; it checks _installed when it fires
-    _hooked.add(name)
-    import wrapt
-
-    def hook(module: types.ModuleType) -> None:
-        _hooked.discard(name)
-        patch(module)
-
-    wrapt.register_post_import_hook(hook, name)
-
-
 def _version() -> str | None:
-    try:
-        return importlib.metadata.version("diffusers")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return distribution_version("diffusers")

@@ -4,7 +4,7 @@ Legacy diffusers processors (and some transformers models) call ``F.scaled_dot_p
 looking the name up on the ``torch.nn.functional`` module at every call. While a patcher holds this module
 (:func:`acquire`), that attribute is a thin function that calls the original SDPA unchanged, except inside a
 scope a patcher opened on this thread (:func:`enter` / :func:`leave`, a thread-local depth). Inside such a scope
-the call goes to :func:`attnpatch.dispatch.route` with the per-module selection the patcher pushed. The
+the call goes to :func:`attnpatch.core.dispatch.route` with the per-module selection the patcher pushed. The
 behaviour of SDPA calls anywhere else (other threads, other models, our own ``native`` backend) does not change.
 
 Layout: SDPA takes (batch, heads, seq, head_dim); the dispatcher (batch, seq, heads, head_dim). The redirect
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnpatch import dispatch
+from attnpatch.core import dispatch, selection
+from attnpatch.core.selection import Chain
 
 
 class _Local(threading.local):
@@ -84,17 +85,33 @@ def route(
     is_causal: bool,
     scale: float | None,
     enable_gqa: bool,
+    *,
+    module_chain: Chain | None = None,
+    site: str | None = None,
 ) -> torch.Tensor:
-    """:func:`attnpatch.dispatch.route` with the redirect suspended, (batch, seq, heads, head_dim) tensors.
+    """:func:`attnpatch.core.dispatch.route` with the redirect suspended, (batch, seq, heads, head_dim) tensors.
 
     Every patcher routes through here: the ``native`` backend calls F.scaled_dot_product_attention itself, and
-    that call must reach torch, not come back to the dispatcher.
+    that call must reach torch, not come back to the dispatcher (also from inside a redirect scope, e.g. a
+    transformers layer that calls both its attention function and F.sdpa). ``module_chain`` and ``site``: the
+    calling layer's selection and name, when the patcher has them (default: what the patcher pushed).
     """
     local = _local
     saved = local.depth
     local.depth = 0
     try:
-        return dispatch.route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, None, None)
+        return dispatch.route(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+            module_chain=module_chain,
+            site=site,
+        )
     finally:
         local.depth = saved
 
@@ -127,7 +144,7 @@ def _redirect(
         mask, reason = sdpa_mask(attn_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     if reason is not None:
         if not torch.compiler.is_compiling():
-            dispatch.note_passthrough(dispatch._local.site, reason)
+            dispatch.note_passthrough(selection.current_site(), reason)
         assert _original is not None
         return _original(
             query,

@@ -47,15 +47,18 @@ import importlib.util
 import inspect
 import os
 import sys
-import threading
 import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from attnpatch import dispatch
-from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, sdpa, state
+from attnpatch.core import dispatch
+from attnpatch.core import selection as selection_module
+from attnpatch.core.versions import distribution_version, version_tuple
+from attnpatch.patchers import _transformers_calls as calls
+from attnpatch.patchers import sdpa, state
+from attnpatch.patchers._base import Patcher, code_names
 
 AttentionFn = Callable[..., tuple[torch.Tensor, Any]]
 
@@ -66,135 +69,21 @@ OLDEST_VERSION = (4, 46)
 # later versions ask the layer (`getattr(module, "is_causal", True)`).
 _LAYER_DECIDES_CAUSAL_VERSION = (4, 53)
 
-# Keyword arguments the original functions honour and no dispatcher backend can: a call that carries one
-# (not None) runs the original code. Anything else in **kwargs is ignored by the originals too.
-_PASSTHROUGH_KWARGS = {
-    "softcap": "attention logit soft-capping (softcap) is not served by attnpatch backends",
-    "s_aux": "attention sinks (s_aux) are not served by attnpatch backends",
-    "sinks": "attention sinks are not served by attnpatch backends",
-    "cu_seq_lens_q": "varlen attention (cu_seq_lens_q) is served by transformers' own kernel",
-    "cu_seq_lens_k": "varlen attention (cu_seq_lens_k) is served by transformers' own kernel",
-    "cache": "a paged KV cache (continuous batching) is updated inside transformers' attention function",
-    "head_mask": "head_mask (scaling the attention probabilities per head) is not served by attnpatch backends",
-}
-_PASSTHROUGH_NAMES = frozenset(_PASSTHROUGH_KWARGS)
-_WEIGHTS_REQUESTED = "attention weights requested (output_attentions=True): eager runs as loaded to return them"
-_POSITIONAL = "extra positional arguments to the attention function: not a call shape attnpatch knows"
-_NOT_A_TENSOR = "attention mask is not a tensor (block or custom mask): left to transformers"
-_BIAS_IGNORED = "position_bias given to an sdpa function that does not take one (transformers < 5.15)"
-
-# Names a plain softmax-attention eager function reads (matmul, optional repeat_kv / softcap / position bias /
-# head_mask, softmax, dropout). A function reading anything else (sinks, logsumexp, autocast, concatenated logits) does
-# more than softmax attention, and routing it would change its result.
-_PLAIN_EAGER_NAMES = frozenset(
-    {
-        "contiguous",
-        "dropout",
-        "dtype",
-        "float32",
-        "functional",
-        "getattr",
-        "hasattr",
-        "head_dim",
-        "matmul",
-        "ndim",
-        "nn",
-        "num_key_value_groups",
-        "repeat_kv",
-        "shape",
-        "size",
-        "softmax",
-        "tanh",
-        "to",
-        "torch",
-        "training",
-        "transpose",
-        "type",
-        "view",
-    }
-)
-_PLAIN_EAGER_PARAMS = frozenset(
-    {
-        "module",
-        "query",
-        "key",
-        "value",
-        "query_states",
-        "key_states",
-        "value_states",
-        "attention_mask",
-        "scaling",
-        "dropout",
-        "softcap",
-        "position_bias",
-        "sliding_window",
-        "head_mask",
-        "output_attentions",
-        "kwargs",
-    }
-)
-
-_lock = threading.RLock()
-_installed = False
-# (owner, attribute or mapping key, original, ours, is_mapping): everything we replaced, for uninstall().
-_patches: list[tuple[Any, str, Any, Any, bool]] = []
 # (original function, implementation name) -> router; the same router every time keeps function identity stable
 # (torch.compile guards on it, and `get_interface(...) is get_interface(...)` stays true).
 _routers: dict[tuple[Any, str], AttentionFn] = {}
-_hooked: set[str] = set()  # module names with a registered post-import hook (hooks cannot be unregistered)
 _ROUTER_ATTR = "__attnpatch_original__"
 
 
 def transformers_version() -> tuple[int, ...] | None:
     """The installed transformers version as a tuple, without importing it; None when not installed."""
-    try:
-        version = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
+    version = distribution_version("transformers")
+    if version is None:
         return None
-    from attnpatch.registry import _version_tuple
-
-    return _version_tuple(version)
+    return version_tuple(version)
 
 
 # --------------------------------------------------------------------------------------------------- routing
-
-
-def _selection(module: Any) -> str | None:
-    # The instance dict, not getattr: a missing attribute on an nn.Module goes through Module.__getattr__ and
-    # an exception (~1 us), which every unmarked layer would pay on every call.
-    namespace = getattr(module, "__dict__", None)
-    return namespace.get(MODULE_ATTR) if namespace is not None else None
-
-
-def _site(module: Any) -> str | None:
-    namespace = getattr(module, "__dict__", None)
-    return namespace.get(SITE_ATTR) if namespace is not None else None
-
-
-def _refusal(attention_mask: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-    """Why this call must run the original function, or None when the dispatcher can serve it."""
-    if args:
-        return _POSITIONAL
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor):
-            return _NOT_A_TENSOR
-        if attention_mask.dim() != 4:
-            # transformers' masks are (B|1, H|1, Sq, Skv); the dispatcher would read 2-D as key padding, SDPA as
-            # (Sq, Skv): rather than guess, let the original function read it.
-            return f"a {attention_mask.dim()}-D attention mask (transformers passes 4-D ones): left to transformers"
-    if _PASSTHROUGH_NAMES.isdisjoint(kwargs):  # the common call: none of those keywords at all
-        return None
-    for name, reason in _PASSTHROUGH_KWARGS.items():
-        if kwargs.get(name) is not None:
-            return reason
-    return None
-
-
-def _weights_requested(module: Any, kwargs: dict[str, Any]) -> bool:
-    # transformers resolves output_attentions the same way: the call argument wins, else the config says.
-    if "output_attentions" in kwargs:
-        return bool(kwargs["output_attentions"])
-    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
 
 
 def _route(
@@ -246,7 +135,7 @@ def _route(
         else:
             mask = _create_position_bias_mask(position_bias, mask, causal, query, key)
             causal = False
-    args = (
+    out = sdpa.route(
         query.transpose(1, 2),
         key.transpose(1, 2),
         value.transpose(1, 2),
@@ -255,22 +144,9 @@ def _route(
         bool(causal),
         scaling,
         key.shape[1] != query.shape[1],
-        None,
-        dispatch.resolve(selection) if selection is not None else None,
-        site,
+        module_chain=selection_module.resolve(selection) if selection is not None else None,
+        site=site,
     )
-    redirect = sdpa._local
-    depth = redirect.depth
-    if not depth:
-        out = dispatch.route(*args)
-    else:
-        # Inside an SDPA redirect scope (a layer that also calls F.sdpa itself): the native backend's own SDPA
-        # call must reach torch, not come back to the dispatcher a second time.
-        redirect.depth = 0
-        try:
-            out = dispatch.route(*args)
-        finally:
-            redirect.depth = depth
     return out.contiguous(), None
 
 
@@ -285,14 +161,14 @@ def _sdpa_router(original: AttentionFn) -> AttentionFn:
         *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
-        selection = _selection(module)
+        selection = calls.selection_of(module)
         if selection is None and not state.route_all:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
-        site = _site(module)
-        reason = _refusal(attention_mask, args, kwargs)
+        site = calls.site_of(module)
+        reason = calls.refusal(attention_mask, args, kwargs)
         position_bias = kwargs.get("position_bias")
         if reason is None and position_bias is not None and _create_position_bias_mask is None:
-            reason = _BIAS_IGNORED  # this version's sdpa drops the bias; only its own code drops it the same way
+            reason = calls.BIAS_IGNORED  # this version's sdpa drops the bias; only its own code drops it the same way
         if reason is not None:
             dispatch.note_passthrough(site, reason)
             return original(module, query, key, value, attention_mask, *args, **kwargs)
@@ -305,7 +181,7 @@ def _sdpa_router(original: AttentionFn) -> AttentionFn:
 
 def _eager_router(original: AttentionFn) -> AttentionFn:
     # An eager function adds position_bias to the scores only if it names it; otherwise it lands in **kwargs.
-    takes_bias = "position_bias" in _parameters(original)
+    takes_bias = "position_bias" in calls.parameters(original)
 
     @functools.wraps(original)
     def attnpatch_eager_attention(
@@ -317,13 +193,13 @@ def _eager_router(original: AttentionFn) -> AttentionFn:
         *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
-        selection = _selection(module)
+        selection = calls.selection_of(module)
         if selection is None and not state.route_all:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
-        site = _site(module)
-        reason = _refusal(attention_mask, args, kwargs)
-        if reason is None and _weights_requested(module, kwargs):
-            reason = _WEIGHTS_REQUESTED
+        site = calls.site_of(module)
+        reason = calls.refusal(attention_mask, args, kwargs)
+        if reason is None and calls.weights_requested(module, kwargs):
+            reason = calls.WEIGHTS_REQUESTED
         if reason is not None:
             dispatch.note_passthrough(site, reason)
             return original(module, query, key, value, attention_mask, *args, **kwargs)
@@ -340,43 +216,12 @@ def _passthrough_router(original: AttentionFn, reason: str) -> AttentionFn:
     # report can say why a layer did not reach the chosen backend.
     @functools.wraps(original)
     def attnpatch_passthrough_attention(module: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        if _selection(module) is not None or state.route_all:
-            dispatch.note_passthrough(_site(module), reason)
+        if calls.selection_of(module) is not None or state.route_all:
+            dispatch.note_passthrough(calls.site_of(module), reason)
         return original(module, *args, **kwargs)
 
     setattr(attnpatch_passthrough_attention, _ROUTER_ATTR, original)
     return attnpatch_passthrough_attention
-
-
-def _plain_eager_refusal(fn: Callable[..., Any]) -> str | None:
-    """Why the eager function ``fn`` is not plain softmax attention (None when it is)."""
-    code = getattr(inspect.unwrap(fn), "__code__", None)
-    if code is None:
-        return f"eager attention function {_describe(fn)} is not Python code attnpatch can inspect"
-    extra = sorted(set(_code_names(code)) - _PLAIN_EAGER_NAMES)
-    unknown_params = sorted(set(_parameters(fn)) - _PLAIN_EAGER_PARAMS)
-    if extra or unknown_params:
-        what = ", ".join(extra + unknown_params)
-        return f"eager attention function {_describe(fn)} does more than softmax attention (uses {what})"
-    return None
-
-
-def _parameters(fn: Callable[..., Any]) -> tuple[str, ...]:
-    code = inspect.unwrap(fn).__code__
-    return code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
-
-
-def _code_names(code: types.CodeType) -> list[str]:
-    # co_names of the function and of code nested in it (comprehensions are separate code objects).
-    names = list(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names.extend(_code_names(const))
-    return names
-
-
-def _describe(fn: Callable[..., Any]) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def _router_for(fn: AttentionFn, implementation: str) -> AttentionFn:
@@ -393,11 +238,11 @@ def _router_for(fn: AttentionFn, implementation: str) -> AttentionFn:
     elif implementation == "sdpa" and fn is _stock_sdpa:
         router = _sdpa_router(fn)
     elif implementation == "eager":
-        refusal = _plain_eager_refusal(fn)
+        refusal = calls.plain_eager_refusal(fn)
         router = _eager_router(fn) if refusal is None else _passthrough_router(fn, refusal)
     elif implementation == "sdpa":
         router = _passthrough_router(
-            fn, f"attn_implementation='sdpa' is overridden by {_describe(fn)}: left as registered"
+            fn, f"attn_implementation='sdpa' is overridden by {calls.describe(fn)}: left as registered"
         )
     else:
         router = _passthrough_router(
@@ -420,28 +265,11 @@ _SDPA_NAME = "scaled_dot_product_attention"
 # -------------------------------------------------------------------------------------------------- patching
 
 
-def _lookup(owner: Any, name: str, mapping: bool) -> Any:
-    if mapping:
-        return owner.get(name)
-    if isinstance(owner, type):
-        return owner.__dict__.get(name)  # the class's own attribute, not one inherited from a base
-    return getattr(owner, name, None)
-
-
-def _replace(owner: Any, name: str, new: Any, mapping: bool = False) -> None:
-    original = _lookup(owner, name, mapping)
-    _patches.append((owner, name, original, new, mapping))
-    if mapping:
-        owner[name] = new
-    else:
-        setattr(owner, name, new)
-
-
 def _patch_modeling_utils(modeling_utils: types.ModuleType) -> None:
     """Post-import hook of transformers.modeling_utils: wrap the attention lookup of this version."""
     global _layer_decides_causal, _stock_sdpa, _eager_by_interface, _create_position_bias_mask
     with _lock:
-        if not _installed:
+        if not installed():
             return
         version = transformers_version() or ()
         _layer_decides_causal = version >= _LAYER_DECIDES_CAUSAL_VERSION
@@ -453,14 +281,15 @@ def _patch_modeling_utils(modeling_utils: types.ModuleType) -> None:
         interface = getattr(modeling_utils, "AttentionInterface", None)
         _eager_by_interface = interface is not None and "get_interface" in vars(interface)
         if _eager_by_interface:
-            if not _is_patched(interface, "get_interface"):
-                _replace(interface, "get_interface", _get_interface_wrapper(interface.__dict__["get_interface"]))
+            if not PATCHER.patches.patched(interface, "get_interface"):
+                wrapper = _get_interface_wrapper(interface.__dict__["get_interface"])
+                PATCHER.patches.replace(interface, "get_interface", wrapper)
         elif getattr(modeling_utils, "ALL_ATTENTION_FUNCTIONS", None) is not None:
             # 4.51-5.0: the class-wide mapping every AttentionInterface instance reads; 4.48-4.50: a plain dict.
             functions = modeling_utils.ALL_ATTENTION_FUNCTIONS
             mapping = getattr(interface, "_global_mapping", None) if interface is not None else functions
-            if mapping is not None and "sdpa" in mapping and not _is_patched(mapping, "sdpa", True):
-                _replace(mapping, "sdpa", _router_for(mapping["sdpa"], "sdpa"), mapping=True)
+            if mapping is not None and "sdpa" in mapping and not PATCHER.patches.patched(mapping, "sdpa", True):
+                PATCHER.patches.replace(mapping, "sdpa", _router_for(mapping["sdpa"], "sdpa"), mapping=True)
         # 4.46-4.47 have no mapping at all: their *SdpaAttention layers call F.sdpa, like falcon or sam today.
 
 
@@ -473,10 +302,6 @@ def _get_interface_wrapper(original: Callable[..., AttentionFn]) -> Callable[...
 
     setattr(get_interface, _ROUTER_ATTR, original)
     return get_interface
-
-
-def _is_patched(owner: Any, name: str, mapping: bool = False) -> bool:
-    return any(o is owner and n == name and m == mapping for o, n, _, _, m in _patches)
 
 
 def _hook_modeling_modules() -> None:
@@ -497,11 +322,11 @@ def _hook_modeling_modules() -> None:
             continue
         for model in models:
             if model.isidentifier() and not model.startswith("_"):
-                _when_imported(f"transformers.models.{model}", _hook_model_package)
+                PATCHER.when_imported(f"transformers.models.{model}", _hook_model_package)
 
 
 def _hook_model_package(package: types.ModuleType) -> None:
-    if not _installed:
+    if not installed():
         return
     for directory in getattr(package, "__path__", ()):
         try:
@@ -510,17 +335,17 @@ def _hook_model_package(package: types.ModuleType) -> None:
             continue
         for filename in files:
             if filename.startswith("modeling_") and filename.endswith(".py"):
-                _when_imported(f"{package.__name__}.{filename[:-3]}", _patch_modeling_module)
+                PATCHER.when_imported(f"{package.__name__}.{filename[:-3]}", _patch_modeling_module)
 
 
 def _patch_modeling_module(module: types.ModuleType) -> None:
     global _redirect_acquired
     with _lock:
-        if not _installed:
+        if not installed():
             return
         fn = module.__dict__.get("eager_attention_forward")
         if not _eager_by_interface and callable(fn) and getattr(fn, _ROUTER_ATTR, None) is None:
-            _replace(module, "eager_attention_forward", _router_for(fn, "eager"))
+            PATCHER.patches.replace(module, "eager_attention_forward", _router_for(fn, "eager"))
         for cls in list(vars(module).values()):
             if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and cls.__module__ == module.__name__):
                 continue
@@ -528,11 +353,11 @@ def _patch_modeling_module(module: types.ModuleType) -> None:
                 if not isinstance(member, types.FunctionType) or getattr(member, _ROUTER_ATTR, None) is not None:
                     continue
                 # unwrap: decorators such as @deprecate_kwarg hide the code that makes the call
-                if _SDPA_NAME in _code_names(inspect.unwrap(member).__code__):
+                if _SDPA_NAME in code_names(inspect.unwrap(member).__code__):
                     if not _redirect_acquired:
                         sdpa.acquire()
                         _redirect_acquired = True
-                    _replace(cls, name, _sdpa_scope(member))
+                    PATCHER.patches.replace(cls, name, _sdpa_scope(member))
 
 
 def _sdpa_scope(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -544,74 +369,58 @@ def _sdpa_scope(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def attnpatch_sdpa_scope(self: Any, *args: Any, **kwargs: Any) -> Any:
-        selection = _selection(self)
+        selection = calls.selection_of(self)
         if selection is None and not state.route_all:
             return method(self, *args, **kwargs)
-        saved = dispatch.push_module(dispatch.resolve(selection) if selection is not None else None, _site(self))
+        chain = selection_module.resolve(selection) if selection is not None else None
+        saved = selection_module.push_module(chain, calls.site_of(self))
         depth = sdpa.enter()
         try:
             return method(self, *args, **kwargs)
         finally:
             sdpa.leave(depth)
-            dispatch.pop_module(saved)
+            selection_module.pop_module(saved)
 
     setattr(attnpatch_sdpa_scope, _ROUTER_ATTR, method)
     return attnpatch_sdpa_scope
 
 
-def _when_imported(name: str, hook: Callable[[types.ModuleType], None]) -> None:
-    # wrapt fires the hook at once when the module is already imported, else at the end of its import (before
-    # any `from module import name` in a consumer completes). Hooks are one-shot and cannot be removed, so
-    # each name is registered once per process and the hooks check `_installed` when they fire.
-    if name in _hooked:
-        module = sys.modules.get(name)
-        if module is not None:
-            hook(module)
-        return
-    import wrapt
-
-    _hooked.add(name)
-    wrapt.register_post_import_hook(hook, name)
-
-
 # ------------------------------------------------------------------------------------------- the contract
 
 
-def install() -> None:
-    """Wrap transformers' attention lookup now if it is imported, else as soon as it is. Idempotent.
+class TransformersPatcher(Patcher):
+    """Wraps transformers' attention lookup now if it is imported, else as soon as it is.
 
     Installing routes nothing by itself: a router sends a call to the dispatcher only for layers marked by
-    apply / set_attention_backend, or for every layer while ``state.route_all`` is set.
+    apply / set_attention_backend, or for every layer while ``state.route_all`` is set. Uninstalling puts back
+    every function and mapping entry we replaced (bitwise-identical results).
     """
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _installed = True
-    _when_imported("transformers.modeling_utils", _patch_modeling_utils)
-    _hook_modeling_modules()
 
+    library = "transformers"
 
-def uninstall() -> None:
-    """Put back every function and mapping entry we replaced (bitwise-identical results). Idempotent."""
-    global _installed, _redirect_acquired
-    with _lock:
-        _installed = False
-        while _patches:
-            owner, name, original, ours, mapping = _patches.pop()
-            if _lookup(owner, name, mapping) is not ours:
-                continue  # replaced again after us (another tool): leave theirs in place, as the SDPA redirect does
-            if mapping:
-                owner[name] = original
-            else:
-                setattr(owner, name, original)
+    def _install(self) -> None:
+        self.when_imported("transformers.modeling_utils", _patch_modeling_utils)
+        _hook_modeling_modules()
+
+    def _uninstall(self) -> None:
+        global _redirect_acquired
+        PATCHER.patches.restore()
         if _redirect_acquired:
             sdpa.release()
             _redirect_acquired = False
 
+    def attention_modules(self, root: Any) -> list[tuple[str, Any]]:
+        return attention_modules(root)
 
-def installed() -> bool:
-    return _installed
+    def unsupported(self) -> list[str]:
+        return unsupported()
+
+
+PATCHER = TransformersPatcher()
+_lock = PATCHER.lock
+install = PATCHER.install
+uninstall = PATCHER.uninstall
+installed = PATCHER.installed
 
 
 def attention_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -624,7 +433,7 @@ def attention_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]
     attention inline (matmul + softmax, as eager layers did before 4.48) are not named: nothing would route them.
     """
     found = [(name, module) for name, module in root.named_modules() if _is_attention_class(type(module))]
-    if _installed:
+    if installed():
         for cls in {type(module) for _, module in found}:
             _prepare_eager_routers(cls)
     return found
@@ -664,7 +473,7 @@ def _calls_attention(cls: type) -> bool:
             if isinstance(member, staticmethod | classmethod):
                 member = member.__func__
             code = getattr(inspect.unwrap(member), "__code__", None) if callable(member) else None
-            if code is not None and _ATTENTION_LOOKUPS.intersection(_code_names(code)):
+            if code is not None and _ATTENTION_LOOKUPS.intersection(code_names(code)):
                 return True
     return False
 

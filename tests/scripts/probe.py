@@ -5,7 +5,7 @@
     python probe.py children [KIND...]  the diffusers probe in a child of each KIND, then here ("main: ..."):
                                         fork, spawn, forkserver (multiprocessing), subprocess (sys.executable)
 
-The library is imported before attnpatch.dispatch, so with ATTNPATCH_BACKEND set it is the library import that
+The library is imported before attnpatch.core.dispatch, so with ATTNPATCH_BACKEND set it is the library import that
 activates attnpatch. Without attnpatch active nothing is routed (routed=0) and ``out`` is the library's own result.
 """
 
@@ -37,16 +37,16 @@ def run_probe(library: str = "diffusers") -> str:
         torch.manual_seed(0)
         model = Attention(query_dim=32, heads=2, dim_head=16).eval()
         inputs = (torch.randn(1, 8, 32),)
-    from attnpatch import dispatch
+    from attnpatch.core import hooks
 
     served = []
     observer = lambda record: served.append(record.served)  # noqa: E731
-    dispatch.add_observer(observer)
+    hooks.add_observer(observer)
     try:
         with torch.no_grad():
             out = model(*inputs)
     finally:
-        dispatch.remove_observer(observer)
+        hooks.remove_observer(observer)
     out = out if isinstance(out, torch.Tensor) else out[0]
     return f"routed={len(served)} served={','.join(sorted(set(served))) or '-'} out={out.double().sum().item():.6f}"
 

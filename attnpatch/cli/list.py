@@ -1,53 +1,25 @@
-"""Command line: ``python -m attnpatch`` / ``attnpatch``.
-
-Subcommands (``list``, ``bench``, ``demo``, ``cache``) live in their own modules and are imported only when used;
-anything else is the runner (``python -m attnpatch [options] script.py [args]``, see attnpatch.runner).
-"""
+"""``python -m attnpatch list``: every backend, whether it runs here (or why not, with the fix), what it serves."""
 
 from __future__ import annotations
 
-import importlib
-import sys
+import argparse
+import json
 from collections.abc import Sequence
 
-# subcommand -> "module:function"; the function takes the remaining argv and returns an exit status.
-SUBCOMMANDS = {
-    "list": "attnpatch.cli:cmd_list",
-    "bench": "attnpatch.bench:main",
-    "demo": "attnpatch.demo:main",
-    "cache": "attnpatch.autotune:cache_main",
-}
+from attnpatch.core import registry
+from attnpatch.core.call import dtype_name
+from attnpatch.core.registry import Backend
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["bench"] and "--overhead" in args:
-        from attnpatch import overhead
-
-        return overhead.main([a for a in args[1:] if a != "--overhead"])
-    if args and args[0] in SUBCOMMANDS:
-        module, _, function = SUBCOMMANDS[args[0]].partition(":")
-        return int(getattr(importlib.import_module(module), function)(args[1:]) or 0)
-    from attnpatch import runner
-
-    return runner.main(args)
-
-
-def cmd_list(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str]) -> int:
     """Print every backend: availability here (or why not, with the fix) and what it can serve."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m attnpatch list", description=cmd_list.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m attnpatch list", description=main.__doc__)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--available", action="store_true", help="only backends that can run here")
     opts = parser.parse_args(list(argv))
 
-    from attnpatch import registry
-
     rows = [_describe(b) for b in registry.list_backends() if b.available or not opts.available]
     if opts.json:
-        import json
-
         print(json.dumps(rows, indent=2))
         return 0
     columns = [
@@ -82,8 +54,6 @@ def cmd_list(argv: Sequence[str]) -> int:
 
 
 def _describe(backend: object) -> dict[str, object]:
-    from attnpatch.registry import Backend, dtype_name
-
     assert isinstance(backend, Backend)
     caps = backend.caps
     head_dim = f"{caps.min_head_dim}-{caps.max_head_dim}" if caps.max_head_dim else f">={caps.min_head_dim}"

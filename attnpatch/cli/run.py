@@ -206,9 +206,9 @@ def main(argv: Sequence[str]) -> int:
         print(f"attnpatch {__version__}")
         return 0
     if opts.list_backends:
-        from attnpatch.cli import cmd_list
+        from attnpatch.cli import list as list_command
 
-        return cmd_list([])
+        return list_command.main([])
     if opts.target is None:
         return _usage_error("no script to run")
     if not opts.module and opts.target != "-" and not os.path.exists(opts.target):
@@ -268,7 +268,7 @@ def _package_root_if_needed() -> str | None:
     package = os.path.realpath(os.path.dirname(startup.__file__))
     path = sys.path if getattr(sys.flags, "safe_path", False) else sys.path[1:]
     for finder in sys.meta_path:
-        if isinstance(finder, startup._ImportHook) or not hasattr(finder, "find_spec"):
+        if startup.is_own_finder(finder) or not hasattr(finder, "find_spec"):
             continue
         spec = finder.find_spec("attnpatch", path if finder is importlib.machinery.PathFinder else None)
         if spec is not None and spec.origin:

@@ -4,7 +4,7 @@ Accepted masks (True / non-zero = attend for bool and integer masks; additive ma
     (batch, seq_kv)                      key padding, e.g. a tokenizer's attention_mask
     (batch, seq_q, seq_kv)               per-query mask
     (batch|1, 1|heads, seq_q|1, seq_kv)  SDPA-style 4-D mask, broadcast over the singleton dims
-Out: a 4-D mask in one of the kinds of :mod:`attnpatch.registry` (bool, key_padding, additive in query's dtype).
+Out: a 4-D mask in one of the kinds of :mod:`attnpatch.core.call` (bool, key_padding, additive in query's dtype).
 Note that a 2-D mask is *key padding* here, not SDPA's (seq_q, seq_kv): pass that one as (1, 1, seq_q, seq_kv).
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from attnpatch.core.call import MASK_ADDITIVE, MASK_BOOL, MASK_KEY_PADDING, MASK_NONE
 from attnpatch.errors import CheckFailed
-from attnpatch.registry import MASK_ADDITIVE, MASK_BOOL, MASK_KEY_PADDING, MASK_NONE
 
 
 def normalize(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, str]:

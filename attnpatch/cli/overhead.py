@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 def candidates() -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
     """name -> f(q, k, v) on (B, S, H, D) tensors, each doing the same attention."""
-    from attnpatch.dispatch import dispatch_attention
+    from attnpatch.core.dispatch import dispatch_attention
 
     def direct_bhsd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v)

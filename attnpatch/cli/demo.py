@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on a GPU, fp32 on a CPU")
     opts = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
-    from attnpatch import tiny
+    from attnpatch.testing import tiny
 
     missing = tiny.missing()
     if missing:
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from attnpatch import registry
+    from attnpatch.core import registry
 
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def choose_backends(spec: str | None) -> tuple[list[str], dict[str, str]]:
     """(backends to run, {left out: why}). Default: every available backend but those slow to start."""
-    from attnpatch import registry
+    from attnpatch.core import registry
 
     if spec:
         return [registry.get_backend(n.strip()).name for n in spec.split(",") if n.strip()], {}
@@ -157,7 +157,7 @@ def choose_backends(spec: str | None) -> tuple[list[str], dict[str, str]]:
 def run_model(job: Workload, model: Any, backends: list[str], repeat: int) -> list[Row]:
     """One row per backend plus the unpatched run; the model is unapplied after each backend."""
     import attnpatch
-    from attnpatch import dispatch
+    from attnpatch.core import dispatch
 
     rows = [_measure(job.name, UNPATCHED, model, job.run, repeat)]
     for backend in backends:
@@ -181,11 +181,11 @@ def run_model(job: Workload, model: Any, backends: list[str], repeat: int) -> li
 
 
 def _measure(name: str, backend: str, model: Any, run: Callable[[Any], Any], repeat: int, counted: bool = False) -> Row:
-    from attnpatch import dispatch
+    from attnpatch.core import hooks
 
     row = Row(name, backend)
 
-    def observe(record: dispatch.CallRecord) -> None:
+    def observe(record: hooks.CallRecord) -> None:
         row.calls += 1
         row.served[record.served] += 1
         for refused, reasons in record.refused.items():
@@ -194,11 +194,11 @@ def _measure(name: str, backend: str, model: Any, run: Callable[[Any], Any], rep
 
     # The first run counts the calls (an observer slows routing a little); the timed runs go without it.
     if counted:
-        dispatch.add_observer(observe)
+        hooks.add_observer(observe)
     try:
         row.output = run(model)
     finally:
-        dispatch.remove_observer(observe)
+        hooks.remove_observer(observe)
     times = []
     for _ in range(max(1, repeat)):
         began = time.perf_counter()
@@ -227,7 +227,7 @@ def workloads(steps: int = 2, tokens: int = 8, device: Any = "cpu", dtype: Any =
     """The demo's models (also timed by benchmarks/e2e.py): name -> Workload. dtype: None keeps float32."""
     import torch
 
-    from attnpatch import tiny
+    from attnpatch.testing import tiny
 
     def sd_build() -> Any:
         return tiny.place(tiny.stable_diffusion_pipeline(), device, dtype)

@@ -1,0 +1,190 @@
+"""The one way a built-in backend is declared (:func:`define`), and the custom op external kernels run through.
+
+A backend family's file calls :func:`define` once per backend, at import: name, function, capabilities,
+availability, per-call check, aliases. ``kernel=True`` marks a call into an external library (flash-attn, sage,
+xformers, aiter, a Hub kernel): eager calls go straight to it, while under torch.compile they go through the
+``attnpatch::external_attention`` custom op, which dynamo does not trace into, so a pybind kernel causes no graph
+break; its backward replays the library's own autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from attnpatch.core import registry
+from attnpatch.core.call import BackendFn, CallSpec
+from attnpatch.core.capabilities import ACCEPT_ALL, Capabilities
+
+
+def define(
+    name: str,
+    fn: BackendFn,
+    *,
+    family: str,
+    description: str,
+    caps: Capabilities = ACCEPT_ALL,
+    requires: Callable[[], list[str]] | None = None,
+    check: Callable[[CallSpec], list[str]] | None = None,
+    aliases: Iterable[str] = (),
+    kernel: bool = False,
+) -> registry.Backend:
+    """Declare and register the built-in backend ``name``.
+
+    fn: the backend function (calling convention in :mod:`attnpatch.core.call`); with ``kernel=True`` a call into
+        an external library, wrapped so that torch.compile sees a custom op.
+    requires: why the backend cannot run in this process at all (package, version, device), computed once.
+    check: why it cannot serve one call, beyond what ``caps`` says.
+    """
+    backend = registry.Backend(
+        name,
+        external(name, fn) if kernel else fn,
+        family=family,
+        caps=caps,
+        requires=requires,
+        check=check,
+        builtin=True,
+        description=description,
+    )
+    return registry.register(backend, aliases=aliases)
+
+
+_kernels: dict[str, BackendFn] = {}
+
+
+def external(name: str, kernel: BackendFn) -> BackendFn:
+    """Make the backend function for ``kernel``, a call into an external library.
+
+    Eager calls go straight to ``kernel``: a custom op costs ~100 us of Python dispatch per call, several percent
+    of a FlashAttention call at diffusion shapes. Under torch.compile the call goes through the custom op
+    ``attnpatch::external_attention`` instead, which dynamo does not trace into, so a pybind kernel causes no
+    graph break.
+    """
+    _kernels[name] = kernel
+
+    def run(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+        scale: float | None,
+        enable_gqa: bool,
+    ) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.attnpatch.external_attention(
+                query, key, value, attn_mask, dropout_p, is_causal, scale, name
+            )
+        return kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = kernel.__doc__
+    return run
+
+
+_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, float? scale, "
+    "str kernel)"
+)
+
+
+@torch.library.custom_op("attnpatch::external_attention", mutates_args=(), schema=_SCHEMA + " -> Tensor")
+def _external_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    kernel: str,
+) -> torch.Tensor:
+    # Contiguous, as the fake below promises (the kernels return contiguous outputs already: no copy for them).
+    # GQA is decided from the shapes (heads_kv divides heads_q), so enable_gqa is not part of the op's schema.
+    return _kernels[kernel](query, key, value, attn_mask, dropout_p, is_causal, scale, False).contiguous()
+
+
+@_external_attention.register_fake
+def _external_attention_fake(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    kernel: str,
+) -> torch.Tensor:
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+@torch.library.custom_op(
+    "attnpatch::external_attention_backward",
+    mutates_args=(),
+    schema="(Tensor grad, " + _SCHEMA[1:] + " -> (Tensor, Tensor, Tensor)",
+)
+def _external_attention_backward(
+    grad: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Replay the forward through the library's own autograd and differentiate it: the only backward every
+    # library documents (their low-level backward functions change signature between minor versions).
+    with _autograd_enabled(), torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
+        out = _kernels[kernel](q, k, v, attn_mask, dropout_p, is_causal, scale, False)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    return dq, dk, dv
+
+
+@_external_attention_backward.register_fake
+def _external_attention_backward_fake(
+    grad: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _autograd_enabled() -> Any:
+    # A custom op's implementation runs with the autograd dispatch keys excluded, so torch.enable_grad() alone
+    # records nothing there. Re-include only the autograd keys (not autocast, which is excluded too and would
+    # silently downcast the replay).
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (
+        torch._C.DispatchKey.AutogradFunctionality,
+        torch._C.DispatchKey.AutogradOther,
+        torch._C.DispatchKey.AutogradNestedTensor,
+    ):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    query, key, value, attn_mask, dropout_p, is_causal, scale, kernel = inputs
+    ctx.save_for_backward(query, key, value, attn_mask)
+    ctx.args = (dropout_p, is_causal, scale, kernel)
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    query, key, value, attn_mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.attnpatch.external_attention_backward(grad, query, key, value, attn_mask, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_external_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,315 @@
+"""The router: one attention call in, the selected backend's output out.
+
+:func:`dispatch_attention` is the public entry; :func:`route` is the same for adapters (patchers), which pass a
+per-module selection and a site. A call the first backend of the chain (see :mod:`attnpatch.core.selection`)
+cannot serve goes to the next one that can, with one warning per (backend, reason) and a count kept for the
+report; a chain always ends in ``native`` unless strict mode is on, in which case the first backend must serve
+the call or an :class:`~attnpatch.errors.UnsupportedCall` lists every candidate and its reasons.
+
+Two paths. The fast path (no mask, no per-call backend, no checks, no observers, a first backend that serves
+every call) is kept inline in :func:`dispatch_attention`: each Python call level costs ~0.1 us. Everything else
+builds a :class:`~attnpatch.core.call.CallSpec`, asks each candidate for reasons (cached per call kind), and
+tells the observers of :mod:`attnpatch.core.hooks`.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from attnpatch.core import hooks, masks, registry, selection
+from attnpatch.core.call import MASK_NONE, CallSpec
+from attnpatch.core.checks import run_checks
+from attnpatch.core.registry import Backend
+from attnpatch.core.selection import AUTO, Chain
+from attnpatch.errors import AttnpatchWarning, UnsupportedCall
+
+# Mirrors of the selection settings and hooks, refreshed by _sync on every change: the fast path reads plain
+# module globals (a function call or another module's attribute costs measurable time per attention call).
+_scope = selection.scope
+_default: Chain | None = None  # None until the settings are loaded (the first call loads them)
+_plain = True  # no checks and no observers: the fast path may run
+_strict = False
+
+_fallbacks: Counter[tuple[str, str, str, str]] = Counter()
+# (site, reason) -> calls that a patcher passed to the library's own code untouched (softcap, return_lse, ...).
+_passthroughs: Counter[tuple[str | None, str]] = Counter()
+_warned: set[tuple[str, str]] = set()
+_reason_cache: dict[tuple[str, CallSpec], list[str]] = {}
+_lock = threading.Lock()
+
+
+def _sync() -> None:
+    global _default, _plain, _strict
+    # Reading a setting loads them all (from the environment where not set explicitly).
+    _strict = selection.strict()
+    _plain = not selection.checks() and not hooks.observers
+    _default = selection.loaded_default()
+
+
+def _registry_changed() -> None:
+    _reason_cache.clear()
+
+
+registry.on_change(_registry_changed)
+selection.on_change(_sync)
+selection.on_change(_reason_cache.clear)  # allow_lossy and emulation change what auto and reasons say
+hooks.on_change(_sync)
+
+
+def dispatch_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention on the selected backend.
+
+    query: (batch, seq_q, heads, head_dim); key: (batch, seq_kv, heads_kv, head_dim);
+    value: (batch, seq_kv, heads_kv, head_dim_v) -> out: (batch, seq_q, heads, head_dim_v).
+    heads_kv may divide heads (GQA/MQA) with or without ``enable_gqa``.
+    attn_mask: bool/integer (True = attend) or additive float; (batch, seq_kv) key padding,
+        (batch, seq_q, seq_kv) or (batch|1, 1|heads, seq_q|1, seq_kv). Query rows with no key to attend give 0.
+    is_causal: top-left aligned like torch's SDPA; may be combined with attn_mask (both apply).
+    backend: per-call selection (name, alias, ``auto`` or chain), overriding every other setting.
+    """
+    # Fast path, kept inline (each Python call level costs ~0.1 us): no per-call backend, no mask, no checks,
+    # no observers, and a selection whose first backend serves every call.
+    if backend is None and attn_mask is None and _plain:
+        local = _scope
+        chain = local.module or local.context or _default
+        if chain is not None and chain.fast is not None:
+            return chain.fast.fn(query, key, value, None, dropout_p, is_causal, scale, enable_gqa)
+    return route(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        backend=backend,
+    )
+
+
+def route(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    backend: str | Chain | None = None,
+    module_chain: Chain | None = None,
+    site: str | None = None,
+) -> torch.Tensor:
+    """:func:`dispatch_attention` for adapters, tensors (batch, seq, heads, head_dim).
+
+    ``module_chain`` is the per-module selection, if any; ``site`` names the calling module for the report
+    (default: the site set by :func:`attnpatch.core.selection.push_module`).
+    """
+    if backend is not None:
+        chain = selection.resolve(backend)
+    else:
+        chain = module_chain or _scope.module or _scope.context or _default or selection.default_chain()
+    if (not _plain or _default is None) and selection.checks():
+        run_checks(query, key, value, attn_mask, is_causal, chain)
+    kind = MASK_NONE
+    if attn_mask is not None:
+        attn_mask, kind = masks.normalize(attn_mask, query, key)
+        if is_causal:
+            attn_mask, kind = masks.fold_causal(attn_mask, kind, query.shape[1], key.shape[1])
+            is_causal = False
+    fast = chain.fast
+    if fast is not None and not hooks.observers:
+        return fast.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return _route_slow(chain, query, key, value, attn_mask, kind, dropout_p, is_causal, scale, enable_gqa, site)
+
+
+def _route_slow(
+    chain: Chain,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    kind: str,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    site: str | None,
+) -> torch.Tensor:
+    call = CallSpec.of(query, key, value, kind, dropout_p, is_causal, scale)
+    args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    site = site or _scope.site
+    requested = chain
+    override = hooks.site_override(site)
+    if override is not None:
+        chain = selection.resolve(override)
+    refused: dict[str, list[str]] = {}
+    chosen: Backend | None = None
+    for member in _candidates(chain):
+        backend = _pick_auto(call, args) if member == AUTO else member
+        if isinstance(backend, str):  # auto found nothing; its reasons are already recorded below
+            refused[AUTO] = ["no registered backend can serve this call"]
+            continue
+        reasons = _reasons(backend, call)
+        if not reasons:
+            chosen = backend
+            break
+        refused[backend.name] = reasons
+        if _strict:
+            break
+    if chosen is None or (refused and _strict):
+        raise UnsupportedCall(_unsupported_message(chain, call, refused), _all_reasons(chain, call, refused))
+    if refused and not call.compiling:
+        _note_fallback(chain, chosen, refused)
+    observers = hooks.observers
+    timer = hooks.call_timer() if observers else None
+    seconds = None
+    if timer is not None and not call.compiling:
+        out, seconds = timer(chosen.fn, args)
+    else:
+        out = chosen.fn(*args)
+    if observers and not call.compiling:
+        record = hooks.CallRecord(
+            site,
+            requested.spec,
+            chosen.name,
+            refused,
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale,
+            out,
+            seconds,
+        )
+        for observer in list(observers):
+            replaced = observer(record)
+            if replaced is not None:
+                out = record.output = replaced
+    return out
+
+
+def _candidates(chain: Chain) -> Iterator[Backend | str]:
+    yield from chain.members
+    if chain.implicit_native and not _strict:
+        yield registry.get_backend("native")
+
+
+def _reasons(backend: Backend, call: CallSpec) -> list[str]:
+    if call.compiling:  # a traced write to a global cache cannot be replayed; tracing happens once anyway
+        return backend.call_reasons(call)
+    cache_key = (backend.name, call)
+    reasons = _reason_cache.get(cache_key)
+    if reasons is None:
+        reasons = backend.call_reasons(call)
+        _reason_cache[cache_key] = reasons
+    return reasons
+
+
+def auto_candidates(call: CallSpec) -> list[Backend]:
+    """Backends `auto` may pick for ``call``, best first: available, serving it, not lossy unless allowed."""
+    allow_lossy = selection.allow_lossy()
+    ranked = []
+    for backend in registry.list_backends():
+        if backend.caps.lossy and not allow_lossy:
+            continue
+        if backend.builtin and backend.caps.priority_for(call.device_type) <= 0:
+            continue  # reference and placeholder backends are never picked automatically
+        if not _reasons(backend, call):
+            ranked.append(backend)
+    ranked.sort(key=lambda b: -b.caps.priority_for(call.device_type))
+    return ranked
+
+
+def _pick_auto(call: CallSpec, args: tuple[Any, ...]) -> Backend | str:
+    candidates = auto_candidates(call)
+    if not candidates:
+        return AUTO
+    chooser = hooks.auto_chooser()
+    if chooser is not None and len(candidates) > 1 and not call.compiling:
+        return chooser(call, candidates, args)
+    return candidates[0]
+
+
+def _note_fallback(chain: Chain, chosen: Backend, refused: dict[str, list[str]]) -> None:
+    for name, reasons in refused.items():
+        for reason in reasons:
+            _fallbacks[(chain.spec, name, chosen.name, reason)] += 1
+            if (name, reason) in _warned:
+                continue
+            with _lock:
+                if (name, reason) in _warned:
+                    continue
+                _warned.add((name, reason))
+            warnings.warn(
+                f"attnpatch: backend {name!r} cannot serve this call ({reason}); using {chosen.name!r} instead. "
+                "Shown once per reason; the report counts every fallback.",
+                AttnpatchWarning,
+                stacklevel=4,
+            )
+
+
+def _all_reasons(chain: Chain, call: CallSpec, refused: dict[str, list[str]]) -> dict[str, list[str]]:
+    everything = dict(refused)
+    for member in chain.members:
+        if isinstance(member, Backend) and member.name not in everything:
+            everything[member.name] = _reasons(member, call)
+    return everything
+
+
+def _unsupported_message(chain: Chain, call: CallSpec, refused: dict[str, list[str]]) -> str:
+    everything = _all_reasons(chain, call, refused)
+    parts = [
+        f"{name}: {'; '.join(r) if r else 'could serve it (not tried: strict mode allows no fallback)'}"
+        for name, r in everything.items()
+    ]
+    mode = "strict mode: no fallback" if _strict else "no backend left"
+    return (
+        f"no backend of {chain.spec!r} can serve this attention call ({mode}; {call.describe()}). "
+        + " | ".join(parts)
+        + ". Fix: choose another backend (python -m attnpatch list), or unset ATTNPATCH_STRICT to fall back."
+    )
+
+
+def describe_call(call: CallSpec) -> str:
+    return call.describe()
+
+
+def fallback_counts() -> dict[tuple[str, str, str, str], int]:
+    """(requested chain, refusing backend, serving backend, reason) -> calls, since start or the last reset."""
+    return dict(_fallbacks)
+
+
+def reset_fallbacks() -> None:
+    _fallbacks.clear()
+    _passthroughs.clear()
+    _warned.clear()
+
+
+def note_passthrough(site: str | None, reason: str) -> None:
+    """A patcher calls this when it hands a call back to the library's own code (counted for the report)."""
+    _passthroughs[(site, reason)] += 1
+
+
+def passthrough_counts() -> dict[tuple[str | None, str], int]:
+    return dict(_passthroughs)

@@ -1,0 +1,153 @@
+"""Public seams of the router, for tools (report, verify, autotune, bench) and users' own instruments.
+
+- Observers see every routed call as a :class:`CallRecord`; one may return a tensor to replace the call's output
+  (verify's fallback action hands back the float64 reference, cast). While none is registered the dispatcher
+  takes its fast path and calls nothing here.
+- The auto chooser picks among the backends ``auto`` found able to serve a call (the autotuner plugs in here).
+- Per-site overrides route every call of one site (a patched module's qualified name) to another selection,
+  keeping what was requested for the report (verify's fallback moves a failing module to native this way).
+- The call timer times the backend call itself (report's timing) and fills :attr:`CallRecord.seconds`.
+
+Everything here is read by the dispatcher only on its slow path, which it takes while an observer is registered.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attnpatch.core.call import CallSpec
+from attnpatch.core.registry import Backend
+
+
+@dataclass
+class CallRecord:
+    """One routed call, as observers see it. Tensors are in the dispatcher layout (B, S, H, D)."""
+
+    site: str | None
+    requested: str
+    served: str
+    refused: dict[str, list[str]]
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attn_mask: torch.Tensor | None
+    dropout_p: float
+    is_causal: bool
+    scale: float | None
+    output: torch.Tensor
+    seconds: float | None = None  # the backend call's duration, when a call timer is set
+
+
+Observer = Callable[[CallRecord], "torch.Tensor | None"]
+AutoChooser = Callable[[CallSpec, list[Backend], tuple[Any, ...]], Backend]
+# timer(fn, args) -> (fn(*args), seconds)
+CallTimer = Callable[[Callable[..., torch.Tensor], tuple[Any, ...]], tuple[torch.Tensor, float]]
+
+# The site of calls made outside any patched module (dispatch_attention called directly, or a layer with no name).
+DIRECT = "<direct>"
+
+_lock = threading.Lock()
+_listeners: list[Callable[[], None]] = []
+
+# Read by the dispatcher (a list that is empty while nobody observes); change it with add/remove_observer.
+observers: list[Observer] = []
+_auto_chooser: AutoChooser | None = None
+_call_timer: CallTimer | None = None
+_overrides: dict[str, str] = {}
+
+
+def on_change(listener: Callable[[], None]) -> None:
+    """Call ``listener`` when the observers change (the dispatcher decides its fast path from them)."""
+    _listeners.append(listener)
+
+
+def _changed() -> None:
+    for listener in _listeners:
+        listener()
+
+
+def add_observer(observer: Observer) -> None:
+    with _lock:
+        if observer not in observers:
+            observers.append(observer)
+    _changed()
+
+
+def remove_observer(observer: Observer) -> None:
+    with _lock:
+        if observer in observers:
+            observers.remove(observer)
+    _changed()
+
+
+def clear_observers() -> None:
+    with _lock:
+        observers.clear()
+    _changed()
+
+
+def set_auto_chooser(chooser: AutoChooser | None) -> AutoChooser | None:
+    """Install ``chooser`` for ``auto`` (None: the highest priority wins); returns the previous one."""
+    global _auto_chooser
+    previous, _auto_chooser = _auto_chooser, chooser
+    return previous
+
+
+def auto_chooser() -> AutoChooser | None:
+    return _auto_chooser
+
+
+def set_call_timer(timer: CallTimer | None) -> CallTimer | None:
+    """Time each backend call with ``timer`` while observers run (None: no timing); returns the previous one."""
+    global _call_timer
+    previous, _call_timer = _call_timer, timer
+    return previous
+
+
+def call_timer() -> CallTimer | None:
+    return _call_timer
+
+
+def set_site_override(site: str, selection: str | None) -> None:
+    """Route the calls of ``site`` to ``selection`` (None removes the override)."""
+    with _lock:
+        if selection is None:
+            _overrides.pop(site, None)
+        else:
+            _overrides[site] = selection
+
+
+def site_override(site: str | None) -> str | None:
+    """The override for ``site`` (None: :data:`DIRECT`), if any; cheap when there are none."""
+    if not _overrides:
+        return None
+    return _overrides.get(site or DIRECT)
+
+
+def clear_site_overrides() -> None:
+    with _lock:
+        _overrides.clear()
+
+
+def snapshot() -> dict[str, Any]:
+    return {
+        "observers": list(observers),
+        "auto_chooser": _auto_chooser,
+        "call_timer": _call_timer,
+        "overrides": dict(_overrides),
+    }
+
+
+def restore(saved: dict[str, Any]) -> None:
+    global _auto_chooser, _call_timer
+    with _lock:
+        observers[:] = saved["observers"]
+        _overrides.clear()
+        _overrides.update(saved["overrides"])
+    _auto_chooser, _call_timer = saved["auto_chooser"], saved["call_timer"]
+    _changed()

@@ -1,0 +1,284 @@
+"""Which backend a call gets: chains, the scopes that select them, and the process-wide settings.
+
+Selection precedence, most specific wins::
+
+    per-call ``backend=``  >  per-module (apply / set_attention_backend)  >  ``attention_backend()`` context
+        >  process default (``set_default_backend`` / ATTNPATCH_BACKEND)  >  ``native``
+
+A selection is a backend name, an alias, ``auto``, or a fallback chain ``"sage,flash,native"``, resolved once
+into a :class:`Chain` and cached. Per-module and context selections live in :data:`scope`, a
+``threading.local`` whose class has defaults (no per-thread fallback lookups); the settings are module state.
+Both are thread-safe and read by torch.compile without graph breaks, unlike ``ContextVar.get``.
+
+Settings (default backend, strict, checks, allow_lossy) come from the ``ATTNPATCH_*`` variables the first time
+they are needed, not at import, unless set explicitly before; :func:`snapshot` / :func:`restore` save and put
+back all of them (tests, ``install``/``uninstall``). The dispatcher mirrors them through :func:`on_change`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextlib import ContextDecorator
+from dataclasses import dataclass
+from typing import Any
+
+from attnpatch import env
+from attnpatch.core import registry
+from attnpatch.core.registry import Backend
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True, eq=False)
+class Chain:
+    """A resolved selection. ``members`` holds Backends and the string "auto", in the order to try them."""
+
+    spec: str
+    members: tuple[Backend | str, ...]
+    implicit_native: bool
+    # Set when the first member can serve every call: the dispatcher calls it with no per-call check.
+    fast: Backend | None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(m if isinstance(m, str) else m.name for m in self.members)
+
+    def __repr__(self) -> str:
+        return f"Chain({self.spec!r})"
+
+
+class _Scope(threading.local):
+    # Class attributes are the per-thread defaults: reading them costs no fallback lookup.
+    context: Chain | None = None
+    module: Chain | None = None
+    site: str | None = None
+
+
+# This thread's context and per-module selection and the calling site. The dispatcher reads it on every call;
+# change it only through attention_backend / push_module / pop_module.
+scope = _Scope()
+
+_lock = threading.RLock()
+_chains: dict[str, Chain] = {}
+_listeners: list[Callable[[], None]] = []
+
+# The settings. None until loaded: _load() reads the environment for those not set explicitly.
+_default: Chain | None = None
+_default_spec: str | None = None  # what the user asked for (None = the environment, then native)
+_strict: bool | None = None
+_checks: bool | None = None
+_allow_lossy: bool | None = None
+
+
+def on_change(listener: Callable[[], None]) -> None:
+    """Call ``listener`` after any setting or the registry changed (the dispatcher refreshes its mirrors)."""
+    _listeners.append(listener)
+
+
+def _changed() -> None:
+    for listener in _listeners:
+        listener()
+
+
+def _registry_changed() -> None:
+    global _default
+    with _lock:
+        _chains.clear()
+        if _default is not None:
+            _default = resolve(_default.spec)
+    _changed()
+
+
+registry.on_change(_registry_changed)
+
+
+def resolve(selection: str | Chain) -> Chain:
+    """Resolve a backend name, alias, ``auto`` or comma-separated chain; raises UnknownBackendError."""
+    if isinstance(selection, Chain):
+        return selection
+    chain = _chains.get(selection)
+    if chain is not None:
+        return chain
+    if not isinstance(selection, str):
+        raise TypeError(f"backend must be a name like 'flash' or a chain like 'sage,native', got {selection!r}")
+    parts = [p.strip() for p in selection.split(",") if p.strip()]
+    if not parts:
+        raise registry.UnknownBackendError(registry.unknown_message(selection))
+    members: list[Backend | str] = []
+    for part in parts:
+        if part.lower() == AUTO:
+            members.append(AUTO)
+        else:
+            members.append(registry.get_backend(part))
+    native = registry.get_backend("native")
+    implicit = native not in members and AUTO not in members
+    first = members[0]
+    fast = first if isinstance(first, Backend) and first.serves_every_call else None
+    chain = Chain(
+        spec=",".join(m if isinstance(m, str) else m.name for m in members),
+        members=tuple(members),
+        implicit_native=implicit,
+        fast=fast,
+    )
+    _chains[selection] = chain
+    return chain
+
+
+def native_chain(spec: str) -> Chain:
+    """A chain that runs ``native`` whatever it is called: ``spec`` is kept so the report shows what was asked."""
+    native = registry.get_backend("native")
+    return Chain(spec=spec, members=(native,), implicit_native=False, fast=native)
+
+
+def _load() -> None:
+    # The environment, for every setting not set explicitly; resolving the default imports the backends.
+    global _default, _strict, _checks, _allow_lossy
+    with _lock:
+        if _strict is None:
+            _strict = env.strict()
+        if _checks is None:
+            _checks = env.checks()
+        if _allow_lossy is None:
+            _allow_lossy = env.allow_lossy()
+        if _default is None:
+            _default = resolve(_default_spec or "native")
+    _changed()
+
+
+def default_chain() -> Chain:
+    """The process default as a chain (loads the settings on first use)."""
+    if _default is None:
+        _load()
+    assert _default is not None
+    return _default
+
+
+def loaded_default() -> Chain | None:
+    """The default chain if the settings are loaded, else None (the dispatcher's fast path reads this)."""
+    return _default
+
+
+def set_default_backend(backend: str | None) -> None:
+    """Process-wide default selection (``None`` = native). The CLI and ATTNPATCH_BACKEND set it."""
+    global _default, _default_spec
+    chain = resolve(backend if backend is not None else "native")
+    with _lock:
+        _default_spec = chain.spec
+        _default = chain
+    _changed()
+
+
+def get_default_backend() -> str:
+    return default_chain().spec
+
+
+def current_backend() -> str:
+    """The selection a call made here and now would use (without a per-call ``backend=``)."""
+    return (scope.module or scope.context or default_chain()).spec
+
+
+def strict() -> bool:
+    """Strict mode: raise UnsupportedCall instead of falling back."""
+    if _strict is None:
+        _load()
+    return bool(_strict)
+
+
+def checks() -> bool:
+    """Debug checks on every call."""
+    if _checks is None:
+        _load()
+    return bool(_checks)
+
+
+def allow_lossy() -> bool:
+    """Whether `auto` may pick lossy backends."""
+    if _allow_lossy is None:
+        _load()
+    return bool(_allow_lossy)
+
+
+def set_strict(enabled: bool = True) -> None:
+    """Strict mode: raise UnsupportedCall instead of falling back."""
+    global _strict
+    _strict = bool(enabled)
+    _changed()
+
+
+def set_checks(enabled: bool = True) -> None:
+    """Debug checks on every call (device, dtype, shape, masks). Free when off."""
+    global _checks
+    _checks = bool(enabled)
+    _changed()
+
+
+def set_allow_lossy(enabled: bool = True) -> None:
+    """Let `auto` pick lossy backends (int8/fp8 SageAttention)."""
+    global _allow_lossy
+    _allow_lossy = bool(enabled)
+    _changed()
+
+
+def snapshot() -> dict[str, Any]:
+    """Every setting as it is now (unloaded ones stay unloaded on :func:`restore`)."""
+    return {
+        "default": _default,
+        "default_spec": _default_spec,
+        "strict": _strict,
+        "checks": _checks,
+        "allow_lossy": _allow_lossy,
+    }
+
+
+def restore(saved: dict[str, Any]) -> None:
+    """Put back what :func:`snapshot` returned, and clear this thread's scopes."""
+    global _default, _default_spec, _strict, _checks, _allow_lossy
+    with _lock:
+        _default, _default_spec = saved["default"], saved["default_spec"]
+        _strict, _checks, _allow_lossy = saved["strict"], saved["checks"], saved["allow_lossy"]
+    scope.context = scope.module = None
+    scope.site = None
+    _changed()
+
+
+class attention_backend(ContextDecorator):  # noqa: N801 - used like a function, as in diffusers and torch
+    """Select a backend (or chain) for the calls made inside the block, in this thread only.
+
+    Nestable; the previous selection is restored on exit, also when the block raises. Also a decorator.
+    """
+
+    def __init__(self, backend: str) -> None:
+        self.chain = resolve(backend)
+        self._saved: list[Chain | None] = []
+
+    def __enter__(self) -> attention_backend:
+        self._saved.append(scope.context)
+        scope.context = self.chain
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        scope.context = self._saved.pop()
+
+
+def push_module(chain: Chain | None, site: str | None) -> tuple[Chain | None, str | None]:
+    """Enter a patched module's scope (per-module selection + report site); returns what to restore."""
+    local = scope
+    saved = (local.module, local.site)
+    local.module = chain
+    local.site = site
+    return saved
+
+
+def pop_module(saved: tuple[Chain | None, str | None]) -> None:
+    scope.module, scope.site = saved
+
+
+def current_site() -> str | None:
+    """The qualified name of the patched module whose call is running on this thread, if any."""
+    return scope.site
+
+
+def module_selection() -> Chain | None:
+    """The per-module selection of the patched module running on this thread, if any."""
+    return scope.module

@@ -1,0 +1,145 @@
+"""Which transformers attention calls attnpatch routes, and why it leaves the others to transformers.
+
+The rules the transformers patcher applies to each call of an attention function: keyword arguments no
+dispatcher backend serves, masks it does not read, attention weights asked for, and eager functions that are
+more than plain softmax attention (found by reading their code). Each refusal is a reason the report shows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from attnpatch.patchers import MODULE_ATTR, SITE_ATTR
+from attnpatch.patchers._base import code_names
+
+# Keyword arguments the original functions honour and no dispatcher backend can: a call that carries one
+# (not None) runs the original code. Anything else in **kwargs is ignored by the originals too.
+PASSTHROUGH_KWARGS = {
+    "softcap": "attention logit soft-capping (softcap) is not served by attnpatch backends",
+    "s_aux": "attention sinks (s_aux) are not served by attnpatch backends",
+    "sinks": "attention sinks are not served by attnpatch backends",
+    "cu_seq_lens_q": "varlen attention (cu_seq_lens_q) is served by transformers' own kernel",
+    "cu_seq_lens_k": "varlen attention (cu_seq_lens_k) is served by transformers' own kernel",
+    "cache": "a paged KV cache (continuous batching) is updated inside transformers' attention function",
+    "head_mask": "head_mask (scaling the attention probabilities per head) is not served by attnpatch backends",
+}
+PASSTHROUGH_NAMES = frozenset(PASSTHROUGH_KWARGS)
+WEIGHTS_REQUESTED = "attention weights requested (output_attentions=True): eager runs as loaded to return them"
+POSITIONAL = "extra positional arguments to the attention function: not a call shape attnpatch knows"
+NOT_A_TENSOR = "attention mask is not a tensor (block or custom mask): left to transformers"
+BIAS_IGNORED = "position_bias given to an sdpa function that does not take one (transformers < 5.15)"
+
+# Names a plain softmax-attention eager function reads (matmul, optional repeat_kv / softcap / position bias /
+# head_mask, softmax, dropout). A function reading anything else (sinks, logsumexp, autocast, concatenated logits) does
+# more than softmax attention, and routing it would change its result.
+PLAIN_EAGER_NAMES = frozenset(
+    {
+        "contiguous",
+        "dropout",
+        "dtype",
+        "float32",
+        "functional",
+        "getattr",
+        "hasattr",
+        "head_dim",
+        "matmul",
+        "ndim",
+        "nn",
+        "num_key_value_groups",
+        "repeat_kv",
+        "shape",
+        "size",
+        "softmax",
+        "tanh",
+        "to",
+        "torch",
+        "training",
+        "transpose",
+        "type",
+        "view",
+    }
+)
+PLAIN_EAGER_PARAMS = frozenset(
+    {
+        "module",
+        "query",
+        "key",
+        "value",
+        "query_states",
+        "key_states",
+        "value_states",
+        "attention_mask",
+        "scaling",
+        "dropout",
+        "softcap",
+        "position_bias",
+        "sliding_window",
+        "head_mask",
+        "output_attentions",
+        "kwargs",
+    }
+)
+
+
+def selection_of(module: Any) -> str | None:
+    # The instance dict, not getattr: a missing attribute on an nn.Module goes through Module.__getattr__ and
+    # an exception (~1 us), which every unmarked layer would pay on every call.
+    namespace = getattr(module, "__dict__", None)
+    return namespace.get(MODULE_ATTR) if namespace is not None else None
+
+
+def site_of(module: Any) -> str | None:
+    namespace = getattr(module, "__dict__", None)
+    return namespace.get(SITE_ATTR) if namespace is not None else None
+
+
+def refusal(attention_mask: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Why this call must run the original function, or None when the dispatcher can serve it."""
+    if args:
+        return POSITIONAL
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            return NOT_A_TENSOR
+        if attention_mask.dim() != 4:
+            # transformers' masks are (B|1, H|1, Sq, Skv); the dispatcher would read 2-D as key padding, SDPA as
+            # (Sq, Skv): rather than guess, let the original function read it.
+            return f"a {attention_mask.dim()}-D attention mask (transformers passes 4-D ones): left to transformers"
+    if PASSTHROUGH_NAMES.isdisjoint(kwargs):  # the common call: none of those keywords at all
+        return None
+    for name, reason in PASSTHROUGH_KWARGS.items():
+        if kwargs.get(name) is not None:
+            return reason
+    return None
+
+
+def weights_requested(module: Any, kwargs: dict[str, Any]) -> bool:
+    # transformers resolves output_attentions the same way: the call argument wins, else the config says.
+    if "output_attentions" in kwargs:
+        return bool(kwargs["output_attentions"])
+    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
+
+
+def plain_eager_refusal(fn: Callable[..., Any]) -> str | None:
+    """Why the eager function ``fn`` is not plain softmax attention (None when it is)."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    if code is None:
+        return f"eager attention function {describe(fn)} is not Python code attnpatch can inspect"
+    extra = sorted(set(code_names(code)) - PLAIN_EAGER_NAMES)
+    unknown_params = sorted(set(parameters(fn)) - PLAIN_EAGER_PARAMS)
+    if extra or unknown_params:
+        what = ", ".join(extra + unknown_params)
+        return f"eager attention function {describe(fn)} does more than softmax attention (uses {what})"
+    return None
+
+
+def parameters(fn: Callable[..., Any]) -> tuple[str, ...]:
+    code = inspect.unwrap(fn).__code__
+    return code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+
+
+def describe(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
