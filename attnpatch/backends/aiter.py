@@ -8,6 +8,7 @@ reason. Depending on the version, ``flash_attn_func`` returns ``out`` or a tuple
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -43,19 +44,21 @@ def aiter_kernel(library: Callable[[], Any]) -> BackendFn:
     return aiter
 
 
+# What AITER's FlashAttention serves (shared with aiter_fa2_hub).
+AITER = Capabilities(
+    devices=frozenset({"cuda"}),  # ROCm tensors are "cuda" tensors; requires() checks for a ROCm torch
+    dtypes=HALF,
+    max_head_dim=256,
+    same_v_head_dim=True,
+    masks=frozenset({MASK_NONE}),
+    causal_cross=False,
+    priority=55,  # above torch's aotriton flash (40) on MI300, the only other kernel there
+)
+
+
 def aiter_caps(**overrides: Any) -> Capabilities:
-    """What AITER's FlashAttention serves (shared with aiter_fa2_hub)."""
-    fields: dict[str, Any] = {
-        "devices": frozenset({"cuda"}),  # ROCm tensors are "cuda" tensors; requires() checks for a ROCm torch
-        "dtypes": HALF,
-        "max_head_dim": 256,
-        "same_v_head_dim": True,
-        "masks": frozenset({MASK_NONE}),
-        "causal_cross": False,
-        "priority": 55,  # above torch's aotriton flash (40) on MI300, the only other kernel there
-        **overrides,
-    }
-    return Capabilities(**fields)
+    """:data:`AITER` with ``overrides``."""
+    return dataclasses.replace(AITER, **overrides)
 
 
 define(

@@ -21,6 +21,7 @@ function and capabilities, another library module.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -75,88 +76,89 @@ def flash_kernel(library: Callable[[], Any], *, version: int = 2, varlen: bool =
     return flash
 
 
+# What FlashAttention-2 serves; FlashAttention-3 (and 4) differ as FA3 says. Shared with the Hub builds below.
+FA2 = Capabilities(
+    devices=frozenset({"cuda"}),
+    dtypes=HALF,
+    max_head_dim=256,
+    same_v_head_dim=True,
+    causal_cross=False,
+    min_compute_capability=(8, 0),
+)
+FA3 = dataclasses.replace(
+    FA2,
+    head_dim_multiple=8,
+    dropout=False,
+    deterministic=False,  # its backward switch is not forwarded: the beta and current signatures differ
+    min_compute_capability=(9, 0),
+    max_compute_capability=(9, 0),
+)
+
+
 def flash2_caps(masks: frozenset[str], priority: int, **overrides: Any) -> Capabilities:
-    """What FlashAttention-2 serves (shared with flash_hub / flash_varlen_hub)."""
-    fields: dict[str, Any] = {
-        "devices": frozenset({"cuda"}),
-        "dtypes": HALF,
-        "max_head_dim": 256,
-        "same_v_head_dim": True,
-        "masks": masks,
-        "causal_cross": False,
-        "min_compute_capability": (8, 0),
-        "priority": priority,
-        **overrides,
-    }
-    return Capabilities(**fields)
+    """What FlashAttention-2 serves with ``masks`` at ``priority`` (shared with flash_hub / flash_varlen_hub)."""
+    return dataclasses.replace(FA2, masks=masks, priority=priority, **overrides)
 
 
 def flash3_caps(masks: frozenset[str], priority: int, **overrides: Any) -> Capabilities:
     """What FlashAttention-3 serves (shared with _flash_3_hub / _flash_3_varlen_hub, and flash_4_hub)."""
-    fa3: dict[str, Any] = {
-        "head_dim_multiple": 8,
-        "dropout": False,
-        "deterministic": False,  # its backward switch is not forwarded: the beta and current signatures differ
-        "min_compute_capability": (9, 0),
-        "max_compute_capability": (9, 0),
-    }
-    return flash2_caps(masks, priority, **{**fa3, **overrides})
+    return dataclasses.replace(FA3, masks=masks, priority=priority, **overrides)
 
 
 def _module(name: str) -> Callable[[], Any]:
     return lambda: _probe.lib(name)
 
 
-_fa3_requires = _probe.requires("flash_attn_interface", "flash-attn-3", hint=FA3_HINT)
+# What every pip FlashAttention backend declares besides its kernel: the family, availability and the import check.
+_FA2: dict[str, Any] = {
+    "family": "flash",
+    "requires": _probe.requires("flash_attn", "flash-attn", FLASH_VERSION, FLASH_HINT),
+    "check": _probe.library_check("flash_attn"),
+    "kernel": True,
+}
+_FA3: dict[str, Any] = {
+    "family": "flash",
+    "requires": _probe.requires("flash_attn_interface", "flash-attn-3", hint=FA3_HINT),
+    "check": _probe.library_check("flash_attn_interface"),
+    "kernel": True,
+}
 
 
 define(
     "flash",
     flash_kernel(_module("flash_attn")),
-    family="flash",
     # Below _native_cudnn (45): on Hopper cuDNN beats FlashAttention-2; above torch's bundled FA2 (40).
     caps=flash2_caps(NO_MASK, priority=44),
-    requires=_probe.requires("flash_attn", "flash-attn", FLASH_VERSION, FLASH_HINT),
-    check=_probe.library_check("flash_attn"),
     description="flash_attn.flash_attn_func (FlashAttention-2); sm80+, fp16/bf16, no mask",
-    kernel=True,
     aliases=("flash_attn", "flash_attention", "flash_attn_2", "flash2", "fa2"),
+    **_FA2,
 )
 
 define(
     "flash_varlen",
     flash_kernel(_module("flash_attn"), varlen=True),
-    family="flash",
     caps=flash2_caps(KEY_PADDING, priority=43),
-    requires=_probe.requires("flash_attn", "flash-attn", FLASH_VERSION, FLASH_HINT),
-    check=_probe.library_check("flash_attn"),
     description="flash_attn.flash_attn_varlen_func: key-padding masks as packed sequences",
-    kernel=True,
     aliases=("flash_attn_varlen",),
+    **_FA2,
 )
 
 define(
     "_flash_3",
     flash_kernel(_module("flash_attn_interface"), version=3),
-    family="flash",
     caps=flash3_caps(NO_MASK, priority=60),
-    requires=_fa3_requires,
-    check=_probe.library_check("flash_attn_interface"),
     description="FlashAttention-3 flash_attn_interface.flash_attn_func; Hopper (sm90) only",
-    kernel=True,
     aliases=("flash_3", "flash3", "fa3", "flash_attn_3"),
+    **_FA3,
 )
 
 define(
     "_flash_varlen_3",
     flash_kernel(_module("flash_attn_interface"), version=3, varlen=True),
-    family="flash",
     caps=flash3_caps(KEY_PADDING, priority=59),
-    requires=_fa3_requires,
-    check=_probe.library_check("flash_attn_interface"),
     description="FlashAttention-3 flash_attn_varlen_func: key-padding masks as packed sequences; sm90",
-    kernel=True,
     aliases=("flash_varlen_3", "_flash_3_varlen", "flash3_varlen"),
+    **_FA3,
 )
 
 

@@ -19,6 +19,7 @@ What the kernels take, from sageattention/core.py (2.1.1+, and the 1.0.x Triton-
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import sys
 from collections.abc import Callable
@@ -65,7 +66,10 @@ def _mutates_key(library: Any) -> bool:
 
 
 def sage_kernel(function: str, library: Callable[[], Any] = _library, per_warp_on_sm12: bool = False) -> BackendFn:
-    """``library().<function>(q, k, v, tensor_layout="NHD", ...)`` as a dispatcher kernel."""
+    """``library().<function>(q, k, v, tensor_layout="NHD", ...)`` as a dispatcher kernel.
+
+    ``sageattn_varlen`` serves key-padding masks: keys packed with cu_seqlens, every query row kept.
+    """
 
     def sage(
         query: torch.Tensor,
@@ -80,65 +84,41 @@ def sage_kernel(function: str, library: Callable[[], Any] = _library, per_warp_o
         """SageAttention on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim), NHD."""
         module = library()
         query, key, value = (_probe.last_dim_contiguous(t) for t in (query, key, value))
+        kernel = getattr(module, function)
+        if function == "sageattn_varlen":
+            copy_key = _mutates_key(module)
+            return _varlen.run_varlen(
+                kernel, query, key, value, attn_mask, copy_key=copy_key, is_causal=is_causal, sm_scale=scale
+            )
         if _mutates_key(module):
             key = key.clone()
         extra: dict[str, Any] = {}
         if per_warp_on_sm12 and _probe.compute_capability(query.device.index)[0] == 12:
             extra["qk_quant_gran"] = "per_warp"
-        return getattr(module, function)(
-            query, key, value, tensor_layout="NHD", is_causal=is_causal, sm_scale=scale, **extra
-        )
+        return kernel(query, key, value, tensor_layout="NHD", is_causal=is_causal, sm_scale=scale, **extra)
 
     sage.__name__ = function
     return sage
 
 
-def sage_varlen_kernel(library: Callable[[], Any] = _library) -> BackendFn:
-    """``sageattn_varlen`` serving key-padding masks (keys packed with cu_seqlens, queries kept)."""
-
-    def sage_varlen(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-        scale: float | None,
-        enable_gqa: bool,
-    ) -> torch.Tensor:
-        """sageattn_varlen on packed keys; query (batch, seq_q, heads, head_dim) -> same layout out."""
-        module = library()
-        query, key, value = (_probe.last_dim_contiguous(t) for t in (query, key, value))
-        return _varlen.run_varlen(
-            module.sageattn_varlen,
-            query,
-            key,
-            value,
-            attn_mask,
-            copy_key=_mutates_key(module),
-            is_causal=is_causal,
-            sm_scale=scale,
-        )
-
-    return sage_varlen
+# What every SageAttention kernel serves (shared with sage_hub and sage_blackwell_hub).
+SAGE = Capabilities(
+    devices=frozenset({"cuda"}),
+    dtypes=HALF,
+    max_head_dim=128,
+    same_v_head_dim=True,
+    masks=frozenset({MASK_NONE}),
+    dropout=False,
+    backward=False,
+    lossy=True,
+    min_compute_capability=(8, 0),
+    tolerance=INT8_TOLERANCE,
+)
 
 
 def sage_caps(masks: frozenset[str] = frozenset({MASK_NONE}), **overrides: Any) -> Capabilities:
-    """What every SageAttention kernel serves (shared with sage_hub)."""
-    fields: dict[str, Any] = {
-        "devices": frozenset({"cuda"}),
-        "dtypes": HALF,
-        "max_head_dim": 128,
-        "same_v_head_dim": True,
-        "masks": masks,
-        "dropout": False,
-        "backward": False,
-        "lossy": True,
-        "min_compute_capability": (8, 0),
-        "tolerance": INT8_TOLERANCE,
-        **overrides,
-    }
-    return Capabilities(**fields)
+    """:data:`SAGE` with ``masks`` and ``overrides``."""
+    return dataclasses.replace(SAGE, masks=masks, **overrides)
 
 
 def sage_check(
@@ -216,7 +196,7 @@ _define(
 )
 _define(
     "sage_varlen",
-    sage_varlen_kernel(),
+    sage_kernel("sageattn_varlen"),
     sage_caps(frozenset({MASK_NONE, MASK_KEY_PADDING}), priority=62),
     sage_check("sageattn_varlen", triton=True),
     "1.0.0",

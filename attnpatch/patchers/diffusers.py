@@ -60,45 +60,6 @@ _replacement_dispatch: Callable[..., torch.Tensor] | None = None
 _kinds: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionary()
 
 
-class DiffusersPatcher(Patcher):
-    library = "diffusers"
-
-    def _install(self) -> None:
-        # Hook the dispatcher module and the processor modules; wrap what is already imported.
-        sdpa.acquire()
-        self.when_imported(DISPATCH_MODULE, _patch_dispatcher)
-        for name in PROCESSOR_MODULES:
-            self.when_imported(name, _sweep_module)
-        for name, module in list(sys.modules.items()):
-            if name.startswith("diffusers.") and module is not None:
-                _sweep_module(module)
-
-    def _uninstall(self) -> None:
-        # Restore every function and class attribute we replaced.
-        global _original_dispatch, _replacement_dispatch
-        if _original_dispatch is not None and _replacement_dispatch is not None:
-            _rebind(_replacement_dispatch, _original_dispatch)
-        _original_dispatch = _replacement_dispatch = None
-        PATCHER.patches.restore()
-        sdpa.release()
-
-    def attention_modules(self, root: Any) -> list[tuple[str, Any]]:
-        return attention_modules(root)
-
-    def skipped_modules(self, root: Any) -> list[tuple[str, str]]:
-        return skipped_modules(root)
-
-    def unsupported(self) -> list[str]:
-        return unsupported()
-
-
-PATCHER = DiffusersPatcher()
-_lock = PATCHER.lock
-install = PATCHER.install
-uninstall = PATCHER.uninstall
-installed = PATCHER.installed
-
-
 def attention_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """diffusers attention layers in ``root`` (those with a ``processor``) whose processor class we route."""
     found = []
@@ -381,3 +342,39 @@ def _processor_of(module: torch.nn.Module) -> Any:
 
 def _version() -> str | None:
     return distribution_version("diffusers")
+
+
+class DiffusersPatcher(Patcher):
+    library = "diffusers"
+
+    def _install(self) -> None:
+        # Hook the dispatcher module and the processor modules; wrap what is already imported.
+        sdpa.acquire()
+        self.when_imported(DISPATCH_MODULE, _patch_dispatcher)
+        for name in PROCESSOR_MODULES:
+            self.when_imported(name, _sweep_module)
+        for name, module in list(sys.modules.items()):
+            if name.startswith("diffusers.") and module is not None:
+                _sweep_module(module)
+
+    def _uninstall(self) -> None:
+        # Restore every function and class attribute we replaced.
+        global _original_dispatch, _replacement_dispatch
+        if _original_dispatch is not None and _replacement_dispatch is not None:
+            _rebind(_replacement_dispatch, _original_dispatch)
+        _original_dispatch = _replacement_dispatch = None
+        PATCHER.patches.restore()
+        sdpa.release()
+
+    attention_modules = staticmethod(attention_modules)
+
+    skipped_modules = staticmethod(skipped_modules)
+
+    unsupported = staticmethod(unsupported)
+
+
+PATCHER = DiffusersPatcher()
+_lock = PATCHER.lock
+install = PATCHER.install
+uninstall = PATCHER.uninstall
+installed = PATCHER.installed

@@ -151,40 +151,25 @@ def _route(
 
 
 def _sdpa_router(original: AttentionFn) -> AttentionFn:
-    @functools.wraps(original)
-    def attnpatch_sdpa_attention(
-        module: Any,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, Any]:
-        selection = calls.selection_of(module)
-        if selection is None and not state.route_all:
-            return original(module, query, key, value, attention_mask, *args, **kwargs)
-        site = calls.site_of(module)
-        reason = calls.refusal(attention_mask, args, kwargs)
-        position_bias = kwargs.get("position_bias")
-        if reason is None and position_bias is not None and _create_position_bias_mask is None:
-            reason = calls.BIAS_IGNORED  # this version's sdpa drops the bias; only its own code drops it the same way
-        if reason is not None:
-            dispatch.note_passthrough(site, reason)
-            return original(module, query, key, value, attention_mask, *args, **kwargs)
-        # sdpa never returns attention weights (it only warns about output_attentions), so routing loses none.
-        return _route(module, query, key, value, attention_mask, kwargs, selection, site, False, position_bias)
-
-    setattr(attnpatch_sdpa_attention, _ROUTER_ATTR, original)
-    return attnpatch_sdpa_attention
+    return _attention_router(original, eager=False)
 
 
 def _eager_router(original: AttentionFn) -> AttentionFn:
-    # An eager function adds position_bias to the scores only if it names it; otherwise it lands in **kwargs.
-    takes_bias = "position_bias" in calls.parameters(original)
+    return _attention_router(original, eager=True)
+
+
+def _attention_router(original: AttentionFn, eager: bool) -> AttentionFn:
+    """The router standing in for transformers' sdpa function or a plain eager one (``eager``).
+
+    sdpa never returns attention weights (it only warns about output_attentions), so routing it loses none; an
+    eager call that asks for them runs the original. An eager function adds position_bias to the scores only if
+    it names it (otherwise it lands in **kwargs); sdpa folds it with create_position_bias_mask (5.15+), and an
+    older sdpa drops it, which only its own code does the same way.
+    """
+    takes_bias = not eager or "position_bias" in calls.parameters(original)
 
     @functools.wraps(original)
-    def attnpatch_eager_attention(
+    def attnpatch_attention(
         module: Any,
         query: torch.Tensor,
         key: torch.Tensor,
@@ -198,16 +183,18 @@ def _eager_router(original: AttentionFn) -> AttentionFn:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         site = calls.site_of(module)
         reason = calls.refusal(attention_mask, args, kwargs)
-        if reason is None and calls.weights_requested(module, kwargs):
+        position_bias = kwargs.get("position_bias") if takes_bias else None
+        if reason is None and eager and calls.weights_requested(module, kwargs):
             reason = calls.WEIGHTS_REQUESTED
+        if reason is None and not eager and position_bias is not None and _create_position_bias_mask is None:
+            reason = calls.BIAS_IGNORED
         if reason is not None:
             dispatch.note_passthrough(site, reason)
             return original(module, query, key, value, attention_mask, *args, **kwargs)
-        position_bias = kwargs.get("position_bias") if takes_bias else None
-        return _route(module, query, key, value, attention_mask, kwargs, selection, site, True, position_bias)
+        return _route(module, query, key, value, attention_mask, kwargs, selection, site, eager, position_bias)
 
-    setattr(attnpatch_eager_attention, _ROUTER_ATTR, original)
-    return attnpatch_eager_attention
+    setattr(attnpatch_attention, _ROUTER_ATTR, original)
+    return attnpatch_attention
 
 
 def _passthrough_router(original: AttentionFn, reason: str) -> AttentionFn:
@@ -388,41 +375,6 @@ def _sdpa_scope(method: Callable[..., Any]) -> Callable[..., Any]:
 # ------------------------------------------------------------------------------------------- the contract
 
 
-class TransformersPatcher(Patcher):
-    """Wraps transformers' attention lookup now if it is imported, else as soon as it is.
-
-    Installing routes nothing by itself: a router sends a call to the dispatcher only for layers marked by
-    apply / set_attention_backend, or for every layer while ``state.route_all`` is set. Uninstalling puts back
-    every function and mapping entry we replaced (bitwise-identical results).
-    """
-
-    library = "transformers"
-
-    def _install(self) -> None:
-        self.when_imported("transformers.modeling_utils", _patch_modeling_utils)
-        _hook_modeling_modules()
-
-    def _uninstall(self) -> None:
-        global _redirect_acquired
-        PATCHER.patches.restore()
-        if _redirect_acquired:
-            sdpa.release()
-            _redirect_acquired = False
-
-    def attention_modules(self, root: Any) -> list[tuple[str, Any]]:
-        return attention_modules(root)
-
-    def unsupported(self) -> list[str]:
-        return unsupported()
-
-
-PATCHER = TransformersPatcher()
-_lock = PATCHER.lock
-install = PATCHER.install
-uninstall = PATCHER.uninstall
-installed = PATCHER.installed
-
-
 def attention_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The transformers attention layers inside ``root``: modules whose class calls an attention function.
 
@@ -492,3 +444,36 @@ def unsupported() -> list[str]:
             "attn_implementation='eager' are not routed (load the model with attn_implementation='sdpa')"
         ]
     return []
+
+
+class TransformersPatcher(Patcher):
+    """Wraps transformers' attention lookup now if it is imported, else as soon as it is.
+
+    Installing routes nothing by itself: a router sends a call to the dispatcher only for layers marked by
+    apply / set_attention_backend, or for every layer while ``state.route_all`` is set. Uninstalling puts back
+    every function and mapping entry we replaced (bitwise-identical results).
+    """
+
+    library = "transformers"
+
+    def _install(self) -> None:
+        self.when_imported("transformers.modeling_utils", _patch_modeling_utils)
+        _hook_modeling_modules()
+
+    def _uninstall(self) -> None:
+        global _redirect_acquired
+        PATCHER.patches.restore()
+        if _redirect_acquired:
+            sdpa.release()
+            _redirect_acquired = False
+
+    attention_modules = staticmethod(attention_modules)
+
+    unsupported = staticmethod(unsupported)
+
+
+PATCHER = TransformersPatcher()
+_lock = PATCHER.lock
+install = PATCHER.install
+uninstall = PATCHER.uninstall
+installed = PATCHER.installed
