@@ -206,7 +206,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"attnpatch {__version__}")
         return 0
     if opts.list_backends:
-        from attnpatch.cli import list as list_command
+        from attnpatch.cli import backends as list_command
 
         return list_command.main([])
     if opts.target is None:

@@ -8,7 +8,7 @@ Runs on the transformers in this environment; what a version cannot do is skippe
     python3 -m venv /tmp/venv-tf446
     /tmp/venv-tf446/bin/pip install torch==2.13.0 'transformers==4.46.*' wrapt pytest sentencepiece protobuf
     /tmp/venv-tf446/bin/pip install --no-deps -e .
-    /tmp/venv-tf446/bin/python -m pytest -q -p no:cacheprovider tests/test_transformers_patch.py
+    /tmp/venv-tf446/bin/python -m pytest -q -p no:cacheprovider tests/patchers/test_transformers_patch.py
 """
 
 from __future__ import annotations
@@ -580,7 +580,10 @@ def test_install_before_transformers_is_imported_patches_it_on_import() -> None:
         """
     )
     done = subprocess.run(
-        [sys.executable, "-c", script, os.path.dirname(__file__)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script, os.path.dirname(os.path.dirname(__file__))],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "2"

@@ -23,7 +23,7 @@ from attnpatch import report  # noqa: E402
 from attnpatch.core import dispatch, hooks, registry, selection  # noqa: E402
 from attnpatch.errors import AttnpatchError  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 needs_models = pytest.mark.skipif(
     bool(__import__("attnpatch.testing.tiny", fromlist=["missing"]).missing()),
     reason="needs diffusers and transformers",

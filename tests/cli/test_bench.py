@@ -232,3 +232,18 @@ def test_ctrl_c_inside_a_measurement_leaves_no_half_row(tmp_path: Path, capsys: 
     rows = json.loads(path.read_text())["results"]
     assert [(r["backend"], r["status"]) for r in rows] == [("native", "ok")]
     assert "INTERRUPTED" in capsys.readouterr().out
+
+
+def test_list_into_a_closed_pipe_ends_quietly() -> None:
+    # `python -m attnpatch list | head -1`: no BrokenPipeError traceback, status 0.
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "attnpatch", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # the reader is gone before the first line is written
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 0, stderr
+    assert "BrokenPipeError" not in stderr and "Traceback" not in stderr, stderr

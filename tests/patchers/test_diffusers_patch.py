@@ -486,7 +486,7 @@ def test_install_before_diffusers_is_imported_patches_by_import_hook() -> None:
         "    dm.run(fam, dm.build(fam))\n"
         "print(len(records))\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), *sys.path]))
     env.pop("ATTNPATCH_DISABLE", None)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

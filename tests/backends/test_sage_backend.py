@@ -1,0 +1,87 @@
+"""Contract tests of SageAttention: what it swallows, kernels per architecture, 1.x (fakes of the library; see
+kernel_setup.py)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+import torch
+from fakes import (
+    fake_sageattention,
+    fake_sageattention_v1,
+)
+from kernel_setup import SAGE, assert_matches, expected, forget, padding_mask, qkv, setup_backend
+
+from attnpatch.core import dispatch
+from attnpatch.errors import AttnpatchWarning, UnsupportedCall
+
+
+def test_sage_mask_falls_back_to_the_right_answer(fake_libraries: Any, pretend: Any) -> None:
+    pretend("cuda", (9, 0))
+    q, k, v = qkv()
+    keep = padding_mask([12, 4], 12)
+    with pytest.warns(AttnpatchWarning, match="'sage' cannot serve this call .*does not take a key-padding"):
+        out = dispatch.dispatch_attention(q, k, v, attn_mask=keep, backend="sage")
+    assert_matches(out, expected(q, k, v, attn_mask=keep))
+    assert not fake_sageattention.calls
+
+
+def test_sage_passes_nothing_it_would_swallow(fake_libraries: Any, pretend: Any, strict: None) -> None:
+    pretend("cuda", (8, 9))
+    q, k, v = qkv(heads_kv=2)
+    dispatch.dispatch_attention(q, k, v, scale=0.2, backend="sage", enable_gqa=True)
+    (call,) = fake_sageattention.calls
+    assert call["kwargs"] == {} and call["tensor_layout"] == "NHD" and call["sm_scale"] == 0.2
+
+
+def test_sage_cuda_kernels_use_per_warp_on_sm120(fake_libraries: Any, pretend: Any, strict: None) -> None:
+    pretend("cuda", (12, 0))
+    q, k, v = qkv()
+    dispatch.dispatch_attention(q, k, v, backend="_sage_qk_int8_pv_fp8_cuda")
+    assert fake_sageattention.calls[-1]["kwargs"] == {"qk_quant_gran": "per_warp"}
+
+
+def test_sage_kernel_not_built_is_a_reason(fake_libraries: Any, pretend: Any, strict: None) -> None:
+    pretend("cuda", (9, 0))
+    fake_sageattention.core.SM89_ENABLED = False
+    q, k, v = qkv()
+    with pytest.raises(UnsupportedCall, match=r"built without the kernel .* \(SM89_ENABLED is False\)"):
+        dispatch.dispatch_attention(q, k, v, backend="_sage_qk_int8_pv_fp8_cuda")
+
+
+def test_sage_1x_gets_a_copy_of_the_key(
+    fake_libraries: Any, pretend: Any, strict: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "sageattention", fake_sageattention_v1)
+    pretend("cuda", (8, 9))
+    q, k, v = qkv(heads_kv=2, seq_kv=10)
+    before = k.clone()
+    out = dispatch.dispatch_attention(q, k, v, backend="sage")
+    assert_matches(out, expected(q, k, v))
+    assert torch.equal(k, before), "sageattention 1.x subtracts the key mean in place: it must get a copy"
+    keep = padding_mask([10, 3], 10)
+    assert_matches(
+        dispatch.dispatch_attention(q, k, v, attn_mask=keep, backend="sage_varlen"), expected(q, k, v, attn_mask=keep)
+    )
+    assert torch.equal(k, before)
+
+
+def test_sage_1x_head_dims(fake_libraries: Any, pretend: Any, strict: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "sageattention", fake_sageattention_v1)
+    pretend("cuda", (8, 9))
+    q, k, v = qkv(head_dim=80)
+    with pytest.raises(UnsupportedCall, match=r"sageattention 1\.x sageattn takes head_dim 64, 96, 128, got 80"):
+        dispatch.dispatch_attention(q, k, v, backend="sage")
+    monkeypatch.setitem(sys.modules, "sageattention", fake_sageattention)
+    forget()
+    assert_matches(dispatch.dispatch_attention(q, k, v, backend="sage"), expected(q, k, v))
+
+
+@pytest.mark.parametrize("name", SAGE)
+def test_sage_has_no_backward(name: str, fake_libraries: Any, pretend: Any, strict: None, trusted: None) -> None:
+    dtype, head_dim, _, _ = setup_backend(name, pretend)
+    q, k, v = qkv(dtype=dtype, head_dim=head_dim)
+    with pytest.raises(UnsupportedCall, match="has no backward pass"):
+        dispatch.dispatch_attention(q.requires_grad_(), k, v, backend=name)
