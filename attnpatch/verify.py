@@ -262,7 +262,7 @@ def _observe(record: hooks.CallRecord) -> torch.Tensor | None:
     if (seen > 0 and settings.every == 1) or seen % settings.every:
         return None
     backend = registry.get_backend(record.served)
-    atol, rtol = backend.caps.tolerance_for(record.query.dtype)
+    atol, rtol = backend.caps.tolerance_for(record.query.dtype, record.scale, record.query.shape[-1])
     with torch.no_grad():
         ref = reference(record.query, record.key, record.value, record.attn_mask, record.is_causal, record.scale)
         max_abs, max_rel, worst = compare(record.output, ref, atol, rtol)

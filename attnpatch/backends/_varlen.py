@@ -34,6 +34,9 @@ def pack_keys(
     if attn_mask is None:
         return key.flatten(0, 1), value.flatten(0, 1), cu_seqlens(batch, seq_kv, key.device)
     keep = attn_mask.reshape(attn_mask.shape[0], seq_kv).expand(batch, seq_kv)
+    # An entry with no key to attend keeps its first key: no kernel then sees an empty sequence (flash-attn's
+    # reference path raises IndexError on one, the CUDA kernel writes 0), and varlen_output zeroes its rows anyway.
+    keep = keep | ((torch.arange(seq_kv, device=keep.device) == 0) & ~keep.any(dim=1, keepdim=True))
     counts = keep.sum(dim=1, dtype=torch.int32)
     offsets = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
     index = keep.flatten().nonzero().squeeze(1)

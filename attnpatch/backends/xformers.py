@@ -13,16 +13,24 @@ From xformers/ops/fmha/__init__.py and common.py:
 - ``p`` (dropout), ``scale``, a backward pass; "This operator may be nondeterministic".
 - f16, bf16 and f32 on NVIDIA GPUs; bf16 only on sm80+ (its ``supports()`` rejects it below).
 A query row whose keys are all masked comes out of the kernel as NaN; it is set to 0 here like everywhere else.
+
+Whether an operator exists for a call is xFormers' own answer (:func:`operator_reasons`, asked of its dispatcher
+without running anything): head dims not a multiple of 8 in fp16/bf16, bf16 below sm80, and from 0.0.33 on
+compute capability > 9.0 fp32, tensor biases and causal with seq_q != seq_kv have none; GQA has no backward
+operator (docs/kernel-facts.md).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import torch
 
 from attnpatch.backends import _probe
 from attnpatch.backends._define import define
 from attnpatch.core import masks
-from attnpatch.core.call import ALL_MASKS, CallSpec
+from attnpatch.core.call import ALL_MASKS, MASK_NONE, CallSpec
 from attnpatch.core.capabilities import Capabilities
 
 XFORMERS_VERSION = "0.0.29"
@@ -91,6 +99,129 @@ def _bfloat16_needs_sm80(call: CallSpec) -> list[str]:
     return []
 
 
+# ----- asking xFormers' own dispatcher which operator would serve a call -----------------------------------------
+
+
+class _ShapeOnly(torch.Tensor):
+    """A tensor with a shape, strides, dtype and device, and no storage: all xFormers' checks read of a call.
+
+    A meta tensor would report the device "meta"; this one reports the call's device without allocating there
+    (a 32k-token call is asked about for free, and an emulated device works too). Any operation on it raises, so
+    a check that starts computing fails loudly instead of quietly answering something else.
+    """
+
+    @staticmethod
+    def __new__(cls, shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Any:
+        return torch.Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype, device=device)
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
+        raise RuntimeError(f"{func} called on a shape-only tensor made to ask xFormers about a call")
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _inputs(call: CallSpec) -> Any:
+    """The ``xformers.ops.fmha.Inputs`` that ``xformers_kernel`` passes for ``call``, at batch 1 and without data.
+
+    The kernel's layouts: (1, seq, heads, head_dim), or for GQA (1, seq, heads_kv, heads_q // heads_kv, head_dim)
+    with key/value expanded (stride 0) over the last head dim; causal as ``LowerTriangularMask()`` (top-left); any
+    mask as a plain tensor bias in the query's dtype whose rows are padded to a multiple of 8 keys.
+    """
+    fmha = _probe.lib("xformers.ops.fmha")
+    device = torch.device(call.device_type, 0 if call.device_index is None else call.device_index)
+    dtype, heads, heads_kv = call.dtype, call.heads_q, call.heads_kv
+    per_group = heads // heads_kv
+    bias_strides = _strides((1, heads, call.seq_q, -(-call.seq_kv // ALIGNMENT) * ALIGNMENT))
+    if per_group == 1:
+        q_shape: tuple[int, ...] = (1, call.seq_q, heads, call.head_dim)
+        bias_shape: tuple[int, ...] = (1, heads, call.seq_q, call.seq_kv)
+    else:
+        q_shape = (1, call.seq_q, heads_kv, per_group, call.head_dim)
+        bias_shape = (1, heads_kv, per_group, call.seq_q, call.seq_kv)
+        bias_strides = (bias_strides[0], bias_strides[1] * per_group, *bias_strides[1:])
+
+    def key_like(head_dim: int) -> _ShapeOnly:
+        s = _strides((1, call.seq_kv, heads_kv, head_dim))
+        if per_group == 1:
+            return _ShapeOnly((1, call.seq_kv, heads_kv, head_dim), s, dtype, device)
+        shape = (1, call.seq_kv, heads_kv, per_group, head_dim)
+        return _ShapeOnly(shape, (s[0], s[1], s[2], 0, s[3]), dtype, device)
+
+    attn_bias: Any = None
+    if call.is_causal:
+        attn_bias = fmha.attn_bias.LowerTriangularMask()
+    elif call.mask_kind != MASK_NONE:
+        # xFormers requires type(bias) is torch.Tensor (a subclass is refused) and reads only its dtype and strides.
+        attn_bias = torch.empty_strided(bias_shape, bias_strides, dtype=dtype, device="meta")
+    return fmha.Inputs(
+        query=_ShapeOnly(q_shape, _strides(q_shape), dtype, device),
+        key=key_like(call.head_dim),
+        value=key_like(call.head_dim_v),
+        attn_bias=attn_bias,
+        p=0.1 if call.dropout else 0.0,
+        scale=0.125 if call.custom_scale else None,
+    )
+
+
+def _refusals(direction: str, message: str) -> list[str]:
+    """xFormers' "No operator found for ..." message as one line per operator it tried."""
+    reasons: list[str] = []
+    for line in message.splitlines():
+        if line.startswith("`") and line.endswith("is not supported because:"):
+            reasons.append(f"xformers {direction} operator {line[1:].split('`', 1)[0]}:")
+        elif reasons and line.startswith("    ") and not line.strip().startswith("HINT"):
+            reasons[-1] += f" {line.strip()};"
+    # If a future xFormers words the message differently, the whole message is still the reason.
+    return [reason.rstrip(";") for reason in reasons] or [f"xformers {direction}: {' '.join(message.split())}"]
+
+
+def operator_reasons(call: CallSpec) -> list[str]:
+    """xFormers' own reasons why none of its operators serves ``call``; [] when one does.
+
+    Asks ``xformers.ops.fmha.dispatch`` what ``memory_efficient_attention`` would ask it (``_dispatch_fw``, and
+    ``_dispatch_bw`` when the call needs gradients), on shape-only tensors laid out as ``xformers_kernel`` lays
+    them out: nothing runs, nothing is allocated. xFormers reads the rest itself (torch.cuda.get_device_capability,
+    torch.version.cuda/hip, its build, torch.are_deterministic_algorithms_enabled()), so the answer is the one the
+    call would get. 40-110 us; not cached here: the dispatcher caches reasons per call kind and forgets them when
+    the registry changes (device emulation included).
+    """
+    reasons: list[str] = []
+    try:
+        fmha = _probe.lib("xformers.ops.fmha")
+        inputs = _inputs(call)
+        try:
+            fmha.dispatch._dispatch_fw(inputs, call.needs_grad)
+        except NotImplementedError as exc:
+            reasons += _refusals("forward", str(exc))
+        if call.needs_grad:
+            try:
+                fmha.dispatch._dispatch_bw(inputs, None)  # None: no varlen bias, so no LSE layout to match
+            except NotImplementedError as exc:
+                reasons += _refusals("backward", str(exc))
+    except Exception as exc:  # a check that cannot run refuses with its cause instead of crashing the model
+        return [f"xformers could not check this call ({type(exc).__name__}: {exc})"]
+    return reasons
+
+
+@_probe.constant_for_compile
+def _operator_reasons_of(*fields: Any) -> list[str]:
+    return operator_reasons(CallSpec(*fields))
+
+
+def _operator_check(call: CallSpec) -> list[str]:
+    # torch.compile calls a constant_for_compile function eagerly instead of tracing into xFormers, but only
+    # with arguments it holds as constants: a CallSpec's fields are, the CallSpec object is not (torch 2.13 fails
+    # with "InternalTorchDynamoError: AttributeError"). The tensor subclass needs __torch_dispatch__ there too.
+    return _operator_reasons_of(*(getattr(call, field.name) for field in dataclasses.fields(call)))
+
+
 define(
     "xformers",
     xformers_kernel,
@@ -103,7 +234,8 @@ define(
         priority=35,
     ),
     requires=_probe.requires("xformers", "xformers", XFORMERS_VERSION),
-    check=_probe.library_check("xformers.ops", _bfloat16_needs_sm80),
+    # Our own bf16 reason first (the clearest line); then xFormers' verdict, which covers it and everything else.
+    check=_probe.library_check("xformers.ops", _bfloat16_needs_sm80, _operator_check),
     description="xformers.ops.memory_efficient_attention; every mask as an aligned attn_bias",
     kernel=True,
     aliases=("xformers_attn", "mem_efficient_xformers"),

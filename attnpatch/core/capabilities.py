@@ -41,6 +41,7 @@ class Capabilities:
     compile_safe: runs under torch.compile(fullgraph=True) without a graph break.
     priority: order for `auto` (higher is tried first) among backends that can serve a call; an int, or a
         mapping device type -> int for kernels whose rank differs by device (missing device = 0 = never auto).
+    tolerance: (atol, rtol) per input dtype against a float64 reference (see tolerance_for).
     """
 
     devices: frozenset[str] | None = None
@@ -64,18 +65,30 @@ class Capabilities:
     max_compute_capability: tuple[int, int] | None = None
     priority: int | dict[str, int] = 0
     tolerance: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
+    tolerance_grows_with_logits: bool = False
 
     def priority_for(self, device_type: str) -> int:
         if isinstance(self.priority, dict):
             return self.priority.get(device_type, 0)
         return self.priority
 
-    def tolerance_for(self, dtype: torch.dtype) -> tuple[float, float]:
-        return self.tolerance.get(dtype) or DEFAULT_TOLERANCE.get(dtype, (3e-2, 3e-2))
+    def tolerance_for(
+        self, dtype: torch.dtype, scale: float | None = None, head_dim: int | None = None
+    ) -> tuple[float, float]:
+        """(atol, rtol) against a float64 reference for inputs of ``dtype``.
+
+        With ``tolerance_grows_with_logits`` (quantised Q·K: the error of the logits grows with their size), atol
+        is multiplied by ``max(1, scale * sqrt(head_dim))``, the logit scale relative to the default softmax scale.
+        """
+        atol, rtol = self.tolerance.get(dtype) or DEFAULT_TOLERANCE.get(dtype, (3e-2, 3e-2))
+        if self.tolerance_grows_with_logits and scale is not None and head_dim:
+            atol *= max(1.0, scale * head_dim**0.5)
+        return atol, rtol
 
     def accepts_everything(self) -> bool:
         """No restriction at all (priority and tolerances do not restrict what can be served)."""
-        return dataclasses.replace(self, priority=0, tolerance={}, deterministic=True) == ACCEPT_ALL
+        relaxed = dataclasses.replace(self, priority=0, tolerance={}, deterministic=True, tolerance_grows_with_logits=False)
+        return relaxed == ACCEPT_ALL
 
 
 ACCEPT_ALL = Capabilities()

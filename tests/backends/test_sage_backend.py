@@ -14,7 +14,8 @@ from fakes import (
 )
 from kernel_setup import SAGE, assert_matches, expected, forget, padding_mask, qkv, setup_backend
 
-from attnpatch.core import dispatch
+from attnpatch.core import dispatch, registry, selection
+from attnpatch.core.call import CallSpec
 from attnpatch.errors import AttnpatchWarning, UnsupportedCall
 
 
@@ -56,16 +57,41 @@ def test_sage_1x_gets_a_copy_of_the_key(
 ) -> None:
     monkeypatch.setitem(sys.modules, "sageattention", fake_sageattention_v1)
     pretend("cuda", (8, 9))
-    q, k, v = qkv(heads_kv=2, seq_kv=10)
+    # 64 keys: 1.x masks no partial last key block (see test_sage_1x_tail_block_is_refused), a full one is right.
+    q, k, v = qkv(heads_kv=2, seq_kv=64)
     before = k.clone()
     out = dispatch.dispatch_attention(q, k, v, backend="sage")
     assert_matches(out, expected(q, k, v))
     assert torch.equal(k, before), "sageattention 1.x subtracts the key mean in place: it must get a copy"
-    keep = padding_mask([10, 3], 10)
-    assert_matches(
-        dispatch.dispatch_attention(q, k, v, attn_mask=keep, backend="sage_varlen"), expected(q, k, v, attn_mask=keep)
-    )
+    out = dispatch.dispatch_attention(q, k, v, backend="sage_varlen")  # no mask: packing is a view of the key
+    assert_matches(out, expected(q, k, v))
     assert torch.equal(k, before)
+
+
+@pytest.mark.parametrize("backend", ["sage", "sage_varlen"])
+def test_sage_1x_tail_block_is_refused(
+    backend: str, fake_libraries: Any, pretend: Any, strict: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1.0.6 returns outputs 25-37% too small for non-causal calls with seq_kv % 64 != 0 (CLIP's 77 tokens): refused
+    # with the version and the fix, while causal calls and full blocks are served (and right).
+    monkeypatch.setitem(sys.modules, "sageattention", fake_sageattention_v1)
+    pretend("cuda", (8, 9))
+    q, k, v = qkv(heads_kv=2, seq_q=64, seq_kv=77)
+    with pytest.raises(UnsupportedCall, match=r"sageattention 1\.0\.6's Triton kernels do not mask the last block"):
+        dispatch.dispatch_attention(q, k, v, backend=backend)
+    assert "sageattention>=2.2.0" in str(
+        registry.get_backend(backend).call_reasons(CallSpec.of(q, k, v, "none", 0.0, False, None))
+    )
+    q, k, v = qkv(heads_kv=2, seq_q=77, seq_kv=77)
+    assert_matches(
+        dispatch.dispatch_attention(q, k, v, is_causal=True, backend=backend), expected(q, k, v, is_causal=True)
+    )
+    with pytest.raises(UnsupportedCall, match="lengths are not known before the call"):
+        dispatch.dispatch_attention(q, k, v, attn_mask=padding_mask([77, 40], 77), backend="sage_varlen")
+    selection.set_strict(False)
+    with pytest.warns(AttnpatchWarning, match="do not mask the last block"):
+        out = dispatch.dispatch_attention(q, k, v, backend=backend)
+    assert_matches(out, expected(q, k, v))  # fell back to native: right
 
 
 def test_sage_1x_head_dims(fake_libraries: Any, pretend: Any, strict: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,7 @@
 
 Each ``fake_<package>`` module implements the documented signature of the real package with reference math (see
 reference.py) and records its calls; ``MODULES`` says under which real module names a test installs it into
-``sys.modules`` (the fixture in tests/test_kernel_backends.py does that with monkeypatch). They are fakes: they
+``sys.modules`` (the fixture in tests/backends/conftest.py does that with monkeypatch). They are fakes: they
 prove that an adapter maps its arguments, layouts and masks the way the real library documents, not that the
 real kernel is fast or exact. tests/test_gpu.py runs the real libraries where they are installed.
 """
@@ -29,6 +29,7 @@ MODULES: dict[str, types.ModuleType] = {
     "sageattention": fake_sageattention,
     "xformers": fake_xformers,
     "xformers.ops": fake_xformers,
+    "xformers.ops.fmha": fake_xformers.fmha,
     "aiter": fake_aiter,
     "torch_xla": fake_torch_xla,
     "torch_xla.experimental": fake_torch_xla,
