@@ -34,6 +34,11 @@ class UnsupportedCall(AttnpatchError):
         super().__init__(message)
         self.reasons = reasons
 
+    def __reduce__(self) -> tuple[type[UnsupportedCall], tuple[str, dict[str, list[str]]]]:
+        # Exceptions pickle as cls(*self.args); ours takes a second argument, so say it. Without this a strict
+        # refusal inside a multiprocessing worker cannot be unpickled in the parent, whose pool then hangs.
+        return (type(self), (str(self), self.reasons))
+
 
 class AttnpatchWarning(UserWarning):
     """Category of attnpatch's warnings (fallbacks, passthroughs, startup problems), filterable as a group."""

@@ -16,6 +16,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from attnpatch.backends._define import define
 from attnpatch.core import masks
+from attnpatch.core.call import CallSpec
 from attnpatch.core.capabilities import Capabilities
 
 
@@ -46,6 +47,10 @@ def flex(
     enable_gqa: bool,
 ) -> torch.Tensor:
     """Compiled flex_attention on (batch, seq, heads, head_dim) tensors; see the module docstring."""
+    if 0 in (query.shape[0], query.shape[1], key.shape[1]):
+        # Nothing to compute, and flex's compiled kernel dies on it (seq_kv 0: "Floating point exception", which
+        # kills the interpreter; batch 0 with a mask: IndexError). Rows with no key to attend are 0, as everywhere.
+        return query.new_zeros((*query.shape[:3], value.shape[-1]))
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     batch, heads, seq_q, _ = q.shape
     seq_kv = k.shape[2]
@@ -67,6 +72,14 @@ def flex(
     return masks.zero_fully_masked(out.transpose(1, 2), attn_mask)
 
 
+def _device_reasons(call: CallSpec) -> list[str]:
+    # Capabilities per device: torch has no FlexAttention backward on CPU ("FlexAttention does not support backward
+    # on CPU", torch 2.13), so a CPU call that needs gradients goes elsewhere.
+    if call.needs_grad and call.device_type == "cpu":
+        return ["FlexAttention has no backward pass on CPU (inputs require grad)"]
+    return []
+
+
 define(
     "flex",
     flex,
@@ -78,6 +91,7 @@ define(
         dropout=False,
         priority=5,
     ),
+    check=lambda call: _device_reasons(call),
     description="torch FlexAttention, compiled (BlockMask for causal, score_mod for masks)",
     aliases=("flex_attn", "flex_attention", "flexattention"),
 )

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attnpatch.backends import _probe
 from attnpatch.backends._define import define
 from attnpatch.backends._probe import cuda_reasons
 from attnpatch.core import masks
@@ -60,6 +61,9 @@ def _pinned(kernel: SDPBackend, expand_gqa: bool = False) -> Callable[..., torch
         scale: float | None,
         enable_gqa: bool,
     ) -> torch.Tensor:
+        if kernel == SDPBackend.FLASH_ATTENTION:
+            # The flash kernels need stride 1 in the head dim (a transposed view gets "No available kernel").
+            query, key, value = (_probe.last_dim_contiguous(t) for t in (query, key, value))
         if expand_gqa and key.shape[2] != query.shape[2]:
             repeat = query.shape[2] // key.shape[2]
             key = key.repeat_interleave(repeat, dim=2)
@@ -104,6 +108,9 @@ define(
 
 def _flash_sdpa_reasons(call: CallSpec) -> list[str]:
     reasons = []
+    if call.head_dim_v != call.head_dim:
+        # torch's flash kernels (CPU and CUDA) take one head dim ("No available kernel" otherwise), e.g. DeepSeek-V3
+        reasons.append(f"value head_dim {call.head_dim_v} != query head_dim {call.head_dim}")
     if call.device_type == "cpu":
         if call.dropout:
             reasons.append("the CPU flash kernel has no dropout")

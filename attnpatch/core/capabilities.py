@@ -87,7 +87,9 @@ class Capabilities:
 
     def accepts_everything(self) -> bool:
         """No restriction at all (priority and tolerances do not restrict what can be served)."""
-        relaxed = dataclasses.replace(self, priority=0, tolerance={}, deterministic=True, tolerance_grows_with_logits=False)
+        relaxed = dataclasses.replace(
+            self, priority=0, tolerance={}, deterministic=True, tolerance_grows_with_logits=False
+        )
         return relaxed == ACCEPT_ALL
 
 

@@ -27,13 +27,14 @@ from attnpatch.core.call import MASK_NONE, CallSpec
 from attnpatch.core.checks import run_checks
 from attnpatch.core.registry import Backend
 from attnpatch.core.selection import AUTO, Chain
-from attnpatch.errors import AttnpatchWarning, UnsupportedCall
+from attnpatch.errors import AttnpatchWarning, CheckFailed, UnsupportedCall
 
 # Mirrors of the selection settings and hooks, refreshed by _sync on every change: the fast path reads plain
 # module globals (a function call or another module's attribute costs measurable time per attention call).
 _scope = selection.scope
 _default: Chain | None = None  # None until the settings are loaded (the first call loads them)
 _plain = True  # no checks and no observers: the fast path may run
+_contexts = 0  # attention_backend blocks open in eager code; none: only the thread-local (compiled blocks) is read
 _strict = False
 
 _fallbacks: Counter[tuple[str, str, str, str]] = Counter()
@@ -45,11 +46,12 @@ _lock = threading.Lock()
 
 
 def _sync() -> None:
-    global _default, _plain, _strict
+    global _default, _plain, _strict, _contexts
     # Reading a setting loads them all (from the environment where not set explicitly).
     _strict = selection.strict()
     _plain = not selection.checks() and not hooks.observers
     _default = selection.loaded_default()
+    _contexts = selection.open_contexts()
 
 
 def _registry_changed() -> None:
@@ -58,7 +60,6 @@ def _registry_changed() -> None:
 
 registry.on_change(_registry_changed)
 selection.on_change(_sync)
-selection.on_change(_reason_cache.clear)  # allow_lossy and emulation change what auto and reasons say
 hooks.on_change(_sync)
 
 
@@ -88,7 +89,7 @@ def dispatch_attention(
     # no observers, and a selection whose first backend serves every call.
     if backend is None and attn_mask is None and _plain:
         local = _scope
-        chain = local.module or local.context or _default
+        chain = local.module or (selection.context_chain() if _contexts else local.context) or _default
         if chain is not None and chain.fast is not None:
             return chain.fast.fn(query, key, value, None, dropout_p, is_causal, scale, enable_gqa)
     return route(
@@ -126,7 +127,8 @@ def route(
     if backend is not None:
         chain = selection.resolve(backend)
     else:
-        chain = module_chain or _scope.module or _scope.context or _default or selection.default_chain()
+        context = selection.context_chain() if _contexts else _scope.context
+        chain = module_chain or _scope.module or context or _default or selection.default_chain()
     if (not _plain or _default is None) and selection.checks():
         run_checks(query, key, value, attn_mask, is_causal, chain)
     kind = MASK_NONE
@@ -136,7 +138,7 @@ def route(
             attn_mask, kind = masks.fold_causal(attn_mask, kind, query.shape[1], key.shape[1])
             is_causal = False
     fast = chain.fast
-    if fast is not None and not hooks.observers:
+    if fast is not None and _plain:
         return fast.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return _route_slow(chain, query, key, value, attn_mask, kind, dropout_p, is_causal, scale, enable_gqa, site)
 
@@ -162,51 +164,92 @@ def _route_slow(
     if override is not None:
         chain = selection.resolve(override)
     refused: dict[str, list[str]] = {}
-    chosen: Backend | None = None
+    observers = hooks.observers
+    timer = hooks.call_timer() if observers and not call.compiling else None
+    failure: Exception | None = None
     for member in _candidates(chain):
         backend = _pick_auto(call, args) if member == AUTO else member
         if isinstance(backend, str):  # auto found nothing; its reasons are already recorded below
             refused[AUTO] = ["no registered backend can serve this call"]
             continue
         reasons = _reasons(backend, call)
-        if not reasons:
-            chosen = backend
-            break
-        refused[backend.name] = reasons
-        if _strict:
-            break
-    if chosen is None or (refused and _strict):
-        raise UnsupportedCall(_unsupported_message(chain, call, refused), _all_reasons(chain, call, refused))
-    if refused and not call.compiling:
-        _note_fallback(chain, chosen, refused)
-    observers = hooks.observers
-    timer = hooks.call_timer() if observers else None
-    seconds = None
-    if timer is not None and not call.compiling:
-        out, seconds = timer(chosen.fn, args)
-    else:
-        out = chosen.fn(*args)
-    if observers and not call.compiling:
-        record = hooks.CallRecord(
-            site,
-            requested.spec,
-            chosen.name,
-            refused,
-            query,
-            key,
-            value,
-            attn_mask,
-            dropout_p,
-            is_causal,
-            scale,
-            out,
-            seconds,
-        )
-        for observer in list(observers):
-            replaced = observer(record)
-            if replaced is not None:
-                out = record.output = replaced
+        if reasons:
+            refused[backend.name] = reasons
+            failure = None
+            if _strict:
+                break
+            continue
+        if call.compiling:  # no try under tracing: an error there is a compile error, not a kernel failure
+            return _observed(backend.fn(*args), None, backend, requested, refused, site, args, call)
+        try:
+            out, seconds = timer(backend.fn, args) if timer is not None else (backend.fn(*args), None)
+        except Exception as exc:  # a kernel that raises falls back like one that refused (strict mode: raises)
+            if _strict:
+                _name_backend(exc, backend.name)
+                raise
+            failure = exc
+            refused[backend.name] = [f"raised {type(exc).__name__}: {_shorten(str(exc))}"]
+            continue
+        if refused:
+            _note_fallback(chain, backend, refused)
+        if selection.checks():
+            check_output(out, query, value, backend.name)
+        return _observed(out, seconds, backend, requested, refused, site, args, call)
+    if failure is not None:
+        raise failure  # the last candidate raised too (native on bad input, say): its own error, as unpatched
+    raise UnsupportedCall(_unsupported_message(chain, call, refused), _all_reasons(chain, call, refused)) from failure
+
+
+def _observed(
+    out: torch.Tensor,
+    seconds: float | None,
+    backend: Backend,
+    requested: Chain,
+    refused: dict[str, list[str]],
+    site: str | None,
+    args: tuple[Any, ...],
+    call: CallSpec,
+) -> torch.Tensor:
+    # Tell the observers (report, verify); one may hand back a replacement output (verify's fallback action).
+    if not hooks.observers or call.compiling:
+        return out
+    query, key, value, attn_mask, dropout_p, is_causal, scale, _ = args
+    record = hooks.CallRecord(
+        site, requested.spec, backend.name, refused, query, key, value, attn_mask, dropout_p, is_causal, scale, out
+    )
+    record.seconds = seconds
+    for observer in list(hooks.observers):
+        replaced = observer(record)
+        if replaced is not None:
+            out = record.output = replaced
     return out
+
+
+def _name_backend(exc: Exception, name: str) -> None:
+    # Strict mode re-raises the kernel's own exception (its type is what callers catch); the note names the backend.
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"attnpatch: raised by backend {name!r} (strict mode: no fallback)")
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_output(out: object, query: torch.Tensor, value: torch.Tensor, backend: str) -> None:
+    """Debug check of a backend's result: (batch, seq_q, heads, head_dim_v), the query's dtype and device."""
+    expected = (*query.shape[:3], value.shape[-1])
+    if not isinstance(out, torch.Tensor):
+        raise CheckFailed(f"backend {backend!r} returned {type(out).__name__}, not a tensor of shape {expected}")
+    if tuple(out.shape) != expected:
+        raise CheckFailed(
+            f"backend {backend!r} returned shape {tuple(out.shape)}, expected {expected} (batch, seq_q, heads, "
+            "head_dim_v): fix the backend's layout"
+        )
+    if out.dtype != query.dtype or out.device != query.device:
+        raise CheckFailed(
+            f"backend {backend!r} returned {out.dtype} on {out.device}, expected {query.dtype} on {query.device}"
+        )
 
 
 def _candidates(chain: Chain) -> Iterator[Backend | str]:

@@ -18,6 +18,11 @@ from attnpatch.errors import CheckFailed
 
 def normalize(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Return (mask (B|1, 1|H, Sq|1, Skv), kind) for query (B, Sq, H, D) and key (B, Skv, Hkv, D)."""
+    if not isinstance(mask, torch.Tensor):
+        raise CheckFailed(
+            f"attn_mask is a {type(mask).__name__}, not a tensor: pass a torch.Tensor (bool: True = attend, or "
+            "additive float) of shape (batch, seq_kv), (batch, seq_q, seq_kv) or (batch, heads, seq_q, seq_kv)"
+        )
     batch, seq_q, heads = query.shape[0], query.shape[1], query.shape[2]
     seq_kv = key.shape[1]
     if mask.dtype != torch.bool and not mask.is_floating_point():

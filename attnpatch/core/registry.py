@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from attnpatch.core.call import BackendFn, CallSpec
 from attnpatch.core.capabilities import ACCEPT_ALL, Capabilities, capability_reasons
 from attnpatch.errors import UnknownBackendError
@@ -134,6 +136,11 @@ def register_backend(
     {"none"}``, ``gqa=False``, ...); with none given the backend is taken to accept every call. Re-registering
     an existing name needs ``replace=True``.
     """
+    if not isinstance(name, str) or not name.strip() or "," in name or name.strip().lower() == "auto":
+        raise ValueError(
+            f"register_backend(name={name!r}): the name must be a non-empty string without commas, not 'auto' "
+            "(commas separate the backends of a chain)"
+        )
     if not callable(fn):
         raise TypeError(f"register_backend({name!r}, fn): fn must be callable, got {type(fn).__name__}")
     load_builtins()
@@ -143,9 +150,20 @@ def register_backend(
         raise TypeError(
             f"register_backend({name!r}): unknown capabilities {unknown}; valid ones: {', '.join(sorted(fields))}"
         )
-    for key in ("devices", "dtypes", "masks"):
-        if capabilities.get(key) is not None:
-            capabilities[key] = frozenset(capabilities[key])
+    for key, kind, example in (
+        ("devices", str, "devices={'cuda'}"),
+        ("dtypes", torch.dtype, "dtypes={torch.float16}"),
+        ("masks", str, "masks={'none', 'key_padding'}"),
+    ):
+        value = capabilities.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str | torch.dtype) or not all(isinstance(item, kind) for item in value):
+            raise TypeError(
+                f"register_backend({name!r}, {key}={value!r}): {key} must be a set of {kind.__name__} values, "
+                f"e.g. {example}"
+            )
+        capabilities[key] = frozenset(value)
     caps = Capabilities(**capabilities)
     return register(Backend(name=name, fn=fn, family=family, caps=caps, description=description), replace=replace)
 

@@ -17,15 +17,20 @@ back all of them (tests, ``install``/``uninstall``). The dispatcher mirrors them
 
 from __future__ import annotations
 
+import contextvars
 import threading
+import warnings
 from collections.abc import Callable
 from contextlib import ContextDecorator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from attnpatch import env
 from attnpatch.core import registry
 from attnpatch.core.registry import Backend
+from attnpatch.errors import AttnpatchWarning
 
 AUTO = "auto"
 
@@ -82,11 +87,22 @@ def _changed() -> None:
 
 
 def _registry_changed() -> None:
-    global _default
+    global _default, _default_spec
     with _lock:
         _chains.clear()
         if _default is not None:
-            _default = resolve(_default.spec)
+            try:
+                _default = resolve(_default.spec)
+            except registry.UnknownBackendError:
+                # The default named a backend that was just unregistered: every later call would raise. Back to
+                # native, said once.
+                warnings.warn(
+                    f"attnpatch: the default backend {_default.spec!r} is no longer registered; the default is "
+                    "'native' again (set another with attnpatch.set_default_backend)",
+                    AttnpatchWarning,
+                    stacklevel=4,
+                )
+                _default, _default_spec = resolve("native"), None
     _changed()
 
 
@@ -114,7 +130,10 @@ def resolve(selection: str | Chain) -> Chain:
     native = registry.get_backend("native")
     implicit = native not in members and AUTO not in members
     first = members[0]
-    fast = first if isinstance(first, Backend) and first.serves_every_call else None
+    # The fast path calls the first backend with no per-call check and no fallback: only for built-ins that serve
+    # every call (native, _native_math), whose failure no later backend would mend. Others take the slow path,
+    # where a kernel that raises falls back to the next backend.
+    fast = first if isinstance(first, Backend) and first.serves_every_call and first.builtin else None
     chain = Chain(
         spec=",".join(m if isinstance(m, str) else m.name for m in members),
         members=tuple(members),
@@ -175,7 +194,7 @@ def get_default_backend() -> str:
 
 def current_backend() -> str:
     """The selection a call made here and now would use (without a per-call ``backend=``)."""
-    return (scope.module or scope.context or default_chain()).spec
+    return (scope.module or context_chain() or default_chain()).spec
 
 
 def strict() -> bool:
@@ -243,22 +262,62 @@ def restore(saved: dict[str, Any]) -> None:
 
 
 class attention_backend(ContextDecorator):  # noqa: N801 - used like a function, as in diffusers and torch
-    """Select a backend (or chain) for the calls made inside the block, in this thread only.
+    """Select a backend (or chain) for the calls made inside the block, in this thread or asyncio task only.
 
     Nestable; the previous selection is restored on exit, also when the block raises. Also a decorator.
+
+    The selection is a ``contextvars.ContextVar``, so interleaved asyncio tasks each see their own and nothing
+    stays set after a block ends. Compiled regions cannot read a ContextVar without a graph break, so they read a
+    thread-local mirror of it, set on entering and leaving a block: there, two tasks interleaving on one thread
+    inside compiled code see the selection of the one that entered or left last.
     """
 
     def __init__(self, backend: str) -> None:
         self.chain = resolve(backend)
-        self._saved: list[Chain | None] = []
+        self._saved: list[tuple[contextvars.Token[Chain | None] | None, Chain | None]] = []
 
     def __enter__(self) -> attention_backend:
-        self._saved.append(scope.context)
+        global _contexts
+        if torch.compiler.is_compiling():  # entered inside a compiled region: the thread-local only
+            self._saved.append((None, scope.context))
+            scope.context = self.chain
+            return self
+        self._saved.append((_context.set(self.chain), scope.context))
         scope.context = self.chain
+        with _lock:
+            _contexts += 1
+        _changed()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        scope.context = self._saved.pop()
+        global _contexts
+        token, previous = self._saved.pop()
+        if token is None:
+            scope.context = previous
+            return
+        _context.reset(token)
+        scope.context = _context.get()
+        with _lock:
+            _contexts -= 1
+        _changed()
+
+
+# The context selection (see attention_backend) and how many blocks are open in the process: with none open, the
+# dispatcher reads nothing (the common case costs one global read per call).
+_context: contextvars.ContextVar[Chain | None] = contextvars.ContextVar("attnpatch_context", default=None)
+_contexts = 0
+
+
+def open_contexts() -> int:
+    """How many attention_backend blocks are open in this process (all threads and tasks)."""
+    return _contexts
+
+
+def context_chain() -> Chain | None:
+    """The selection of the innermost attention_backend block of this task (thread-local in compiled code)."""
+    if torch.compiler.is_compiling():
+        return scope.context
+    return _context.get()
 
 
 def push_module(chain: Chain | None, site: str | None) -> tuple[Chain | None, str | None]:
