@@ -35,9 +35,10 @@ flash_attn_interface = pytest.importorskip(
     reason="flash-attn 2.8.3 with its Triton/reference path is not installed (install commands: module docstring)",
 )
 
+from reference import reference_attention  # noqa: E402
+
 import attnpatch  # noqa: E402
 from attnpatch.testing import emulate_device  # noqa: E402
-from reference import reference_attention  # noqa: E402
 
 CUSTOM_OPS = (
     "_flash_attn_forward",
