@@ -33,8 +33,10 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from attnpatch import env
 from attnpatch.core import hooks
 from attnpatch.core.call import CallSpec, dtype_name
 from attnpatch.core.registry import Backend
+from attnpatch.errors import AttnpatchWarning
 
 SCHEMA = "attnpatch.autotune/1"
 _WARMUP = 1
@@ -163,16 +166,51 @@ def _lookup(kind: str, device: torch.device) -> dict[str, Any] | None:
 
 
 def read_cache(path: Path) -> dict[str, Any]:
+    """The cache file at ``path`` as {"schema", "env", "entries"}, with only well-formed entries; {} if unusable.
+
+    A file that cannot be read, is not our schema, or holds entries of the wrong types (a corrupt or crafted file;
+    deeply nested JSON included) is ignored with one warning and rewritten by the next save: it never raises into
+    an attention call or ``cache show``.
+    """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
-        _say(f"attnpatch autotune: ignoring unreadable cache {path} ({exc}); it will be rewritten")
+    except (OSError, ValueError, RecursionError) as exc:
+        _warn_bad_cache(path, f"{type(exc).__name__}: {str(exc)[:200]}")
         return {}
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("entries"), dict):
+        _warn_bad_cache(path, f"not an {SCHEMA} file")
         return {}
-    return data
+    entries = {kind: entry for kind, entry in data["entries"].items() if _well_formed(kind, entry)}
+    if len(entries) != len(data["entries"]):
+        _warn_bad_cache(path, f"{len(data['entries']) - len(entries)} malformed entries dropped")
+    env = data.get("env")
+    return {"schema": SCHEMA, "env": env if isinstance(env, dict) else {}, "entries": entries}
+
+
+def _well_formed(kind: object, entry: object) -> bool:
+    if not isinstance(kind, str) or not isinstance(entry, dict) or not isinstance(entry.get("backend"), str):
+        return False
+    times = entry.get("times_ms", {})
+    return isinstance(times, dict) and all(
+        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) for k, v in times.items()
+    )
+
+
+_warned_paths: set[Path] = set()
+
+
+def _warn_bad_cache(path: Path, why: str) -> None:
+    if path in _warned_paths:
+        return
+    _warned_paths.add(path)
+    warnings.warn(
+        f"attnpatch autotune: ignoring the cache file {path} ({why}); it will be rewritten "
+        "(python -m attnpatch cache clear removes it)",
+        AttnpatchWarning,
+        stacklevel=2,
+    )
 
 
 def _tune(kind: str, candidates: list[Backend], args: tuple[Any, ...]) -> dict[str, Any]:
@@ -245,10 +283,17 @@ def _save(device: torch.device, kind: str, entry: dict[str, Any]) -> Path | None
     entries[kind] = entry
     payload = {"schema": SCHEMA, "env": environment(device), "entries": entries}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        # The folder private to the user (0700 when we create it); the file written under a fresh private name
+        # (mkstemp: exclusive create, mode 0600, never through a symlink planted in its place), then renamed.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     except OSError as exc:
         _say(
             f"\nattnpatch autotune: cannot write the cache {path} ({exc}); set ATTNPATCH_CACHE_DIR to a writable folder"

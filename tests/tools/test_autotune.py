@@ -162,8 +162,9 @@ def test_unreadable_cache_is_ignored_and_rewritten(_backends: Path, capsys: pyte
     autotune.enable()
     q = qkv()
     call, args = spec_and_args(q)
-    assert autotune.choose(call, [registry.get_backend(SLOW), registry.get_backend(FAST)], args).name == FAST
-    assert "ignoring unreadable cache" in capsys.readouterr().err
+    # One AttnpatchWarning (shown on stderr outside pytest), whatever the progress setting.
+    with pytest.warns(attnpatch.AttnpatchWarning, match="ignoring the cache file .* JSONDecodeError"):
+        assert autotune.choose(call, [registry.get_backend(SLOW), registry.get_backend(FAST)], args).name == FAST
     assert json.loads(path.read_text())["entries"]
 
 
@@ -184,3 +185,56 @@ def test_cache_command(_backends: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert list(_backends.glob("autotune-*.json")) == []
     with pytest.raises(SystemExit):
         cli.main(["cache", "wipe"])
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "[" * 100_000 + "]" * 100_000,  # deeply nested JSON: RecursionError in json.loads
+        '{"schema": "attnpatch.autotune/1", "entries": [1, 2]}',
+        '{"schema": "attnpatch.autotune/1", "entries": {"k": {"backend": 3}, "j": {"backend": "x", "times_ms": [1]}}}',
+        "not json",
+    ],
+    ids=["nested", "entries-list", "wrong-types", "not-json"],
+)
+def test_a_corrupt_cache_is_ignored_with_one_warning_and_rewritten(
+    content: str, _backends: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    autotune.enable(progress=False)
+    q = qkv()
+    call, args = spec_and_args(q)
+    path = autotune.cache_file(q.device)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.warns(attnpatch.AttnpatchWarning, match="ignoring the cache file"):
+        chosen = autotune.choose(call, [registry.get_backend(SLOW), registry.get_backend(FAST)], args)
+    assert chosen.name == FAST
+    data = json.loads(path.read_text())  # rewritten, well formed
+    assert data["schema"] == autotune.SCHEMA and all(isinstance(e["backend"], str) for e in data["entries"].values())
+    assert cli.main(["cache", "show"]) == 0
+    assert cli.main(["cache", "show", "--json"]) == 0
+
+
+def test_cache_writes_never_follow_a_planted_symlink(_backends: Path, tmp_path: Path) -> None:
+    import os
+
+    autotune.enable(progress=False)
+    q = qkv()
+    call, args = spec_and_args(q)
+    path = autotune.cache_file(q.device)
+    path.parent.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    # The name the old writer used for its temporary file, planted as a link to another file of the user's.
+    (path.parent / f".{path.name}.{os.getpid()}.tmp").symlink_to(victim)
+    autotune.choose(call, [registry.get_backend(SLOW), registry.get_backend(FAST)], args)
+    assert victim.read_text() == "precious"
+    assert json.loads(path.read_text())["schema"] == autotune.SCHEMA
+
+
+def test_the_cache_folder_is_private(_backends: Path) -> None:
+    autotune.enable(progress=False)
+    q = qkv()
+    call, args = spec_and_args(q)
+    autotune.choose(call, [registry.get_backend(SLOW), registry.get_backend(FAST)], args)
+    assert (autotune.cache_file(q.device).parent.stat().st_mode & 0o777) == 0o700
