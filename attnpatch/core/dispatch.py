@@ -14,6 +14,7 @@ tells the observers of :mod:`attnpatch.core.hooks`.
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from collections import Counter
@@ -41,7 +42,14 @@ _fallbacks: Counter[tuple[str, str, str, str]] = Counter()
 # (site, reason) -> calls that a patcher passed to the library's own code untouched (softcap, return_lse, ...).
 _passthroughs: Counter[tuple[str | None, str]] = Counter()
 _warned: set[tuple[str, str]] = set()
+_warnings_per_backend: dict[str, int] = {}
 _reason_cache: dict[tuple[str, CallSpec], list[str]] = {}
+# Bounds on what grows with the number of distinct call shapes (a decode loop, a dynamic-resolution pipeline):
+# reasons per call kind are recomputed after the cache is dropped; fallback counts beyond the limit aggregate.
+MAX_REASON_CACHE = 4096
+MAX_FALLBACK_KINDS = 1024
+MAX_WARNINGS_PER_BACKEND = 20
+OTHER_REASONS = "(other reasons: more distinct reasons than the report itemises)"
 _lock = threading.Lock()
 
 
@@ -265,6 +273,8 @@ def _reasons(backend: Backend, call: CallSpec) -> list[str]:
     reasons = _reason_cache.get(cache_key)
     if reasons is None:
         reasons = backend.call_reasons(call)
+        if len(_reason_cache) >= MAX_REASON_CACHE:
+            _reason_cache.clear()
         _reason_cache[cache_key] = reasons
     return reasons
 
@@ -297,19 +307,43 @@ def _pick_auto(call: CallSpec, args: tuple[Any, ...]) -> Backend | str:
 def _note_fallback(chain: Chain, chosen: Backend, refused: dict[str, list[str]]) -> None:
     for name, reasons in refused.items():
         for reason in reasons:
-            _fallbacks[(chain.spec, name, chosen.name, reason)] += 1
+            key = (chain.spec, name, chosen.name, reason)
+            if key not in _fallbacks and len(_fallbacks) >= MAX_FALLBACK_KINDS:
+                key = (chain.spec, name, chosen.name, OTHER_REASONS)  # reasons that name shapes: bounded memory
+            _fallbacks[key] += 1
             if (name, reason) in _warned:
                 continue
             with _lock:
-                if (name, reason) in _warned:
-                    continue
+                shown = _warnings_per_backend.get(name, 0) + 1
+                if (name, reason) in _warned or shown > MAX_WARNINGS_PER_BACKEND:
+                    continue  # past the cap nothing more is kept: reasons that name shapes would grow without bound
                 _warned.add((name, reason))
+                _warnings_per_backend[name] = shown
+            more = (
+                f" Further reasons of {name!r} are counted in the report, not shown."
+                if shown == MAX_WARNINGS_PER_BACKEND
+                else ""
+            )
             warnings.warn(
                 f"attnpatch: backend {name!r} cannot serve this call ({reason}); using {chosen.name!r} instead. "
-                "Shown once per reason; the report counts every fallback.",
+                f"Shown once per reason; the report counts every fallback.{more}",
                 AttnpatchWarning,
-                stacklevel=4,
+                stacklevel=_user_stacklevel(),
             )
+
+
+def _user_stacklevel() -> int:
+    # Point a warning at the first frame outside attnpatch and wrapt (the model code that made the call), not at
+    # the dispatcher or a patcher's wrapper.
+    frame = sys._getframe(2)
+    level = 2
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name == "attnpatch" or name.startswith(("attnpatch.", "wrapt", "torch.nn.modules"))):
+            return level
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return 2
 
 
 def _all_reasons(chain: Chain, call: CallSpec, refused: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -347,11 +381,15 @@ def reset_fallbacks() -> None:
     _fallbacks.clear()
     _passthroughs.clear()
     _warned.clear()
+    _warnings_per_backend.clear()
 
 
 def note_passthrough(site: str | None, reason: str) -> None:
     """A patcher calls this when it hands a call back to the library's own code (counted for the report)."""
-    _passthroughs[(site, reason)] += 1
+    key = (site, reason)
+    if key not in _passthroughs and len(_passthroughs) >= MAX_FALLBACK_KINDS:
+        key = (site, OTHER_REASONS)
+    _passthroughs[key] += 1
 
 
 def passthrough_counts() -> dict[tuple[str | None, str], int]:

@@ -223,3 +223,32 @@ def test_register_backend_validates_its_arguments(kwargs: dict[str, object], mat
     with pytest.raises((ValueError, TypeError), match=match):
         registry.register_backend(name, lambda q, k, v, *rest: q, **kwargs)  # type: ignore[arg-type]
     assert MINE not in {b.name for b in registry.list_backends()}
+
+
+def test_routing_memory_is_bounded_over_many_shapes(mine) -> None:
+    # A fallback chain whose refusal names the shape (as real kernels' do): 20,000 distinct (seq_q, seq_kv) calls
+    # must not grow the reason cache, the fallback counts or the warnings without bound (before: +10.8 MB).
+    import tracemalloc
+
+    mine(lambda q, k, v, *rest: q, cross=False)  # "needs seq_q == seq_kv, got X != Y"
+    q = torch.randn(1, 300, 1, 4)
+    kv = torch.randn(1, 300, 1, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seq_q in range(1, 200):  # warm up: caches fill to their bounds
+            attnpatch.dispatch_attention(q[:, :seq_q], kv[:, :2], kv[:, :2], backend=MINE)
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        shown = 0
+        for i in range(20_000):
+            seq_q, seq_kv = 1 + i % 100, 2 + i // 100
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                attnpatch.dispatch_attention(q[:, :seq_q], kv[:, :seq_kv], kv[:, :seq_kv], backend=MINE)
+            shown += len(caught)
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown < 3 * 2**20, f"routing state grew by {grown / 2**20:.1f} MiB over 20,000 shapes"
+    assert shown == 0, "warnings for one backend are capped (the report counts every fallback)"
+    assert len(attnpatch.fallback_counts()) <= 1024 + 1
