@@ -60,8 +60,13 @@ def test_list_command_shows_every_backend_with_availability() -> None:
     assert proc.returncode == 0, proc.stderr
     rows = {row["name"]: row for row in json.loads(proc.stdout)}
     assert {b.name for b in attnpatch.list_backends()} == set(rows)
-    assert rows["native"]["available"] == "yes"
-    assert rows["_native_cudnn"]["available"] == "no"
+    assert rows["native"]["available"] is True  # JSON true/false, not "yes"/"no" strings
+    assert rows["_native_cudnn"]["available"] is False
+    assert rows["native"]["gqa"] is True and rows["native"]["lossy"] is False
+    shown = subprocess.run(
+        [sys.executable, "-m", "attnpatch", "list", "--available"], capture_output=True, text=True
+    ).stdout
+    assert "native" in shown and "_native_cudnn" not in shown and "not available here" not in shown
     assert any("CUDA" in r for r in rows["_native_cudnn"]["reasons"])
     table = subprocess.run([sys.executable, "-m", "attnpatch", "list"], capture_output=True, text=True, check=True)
     assert "not available here:" in table.stdout and "_native_cudnn:" in table.stdout

@@ -18,9 +18,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--available", action="store_true", help="only backends that can run here")
     opts = parser.parse_args(list(argv))
 
-    rows = [_describe(b) for b in registry.list_backends() if b.available or not opts.available]
+    backends = [b for b in registry.list_backends() if b.available or not opts.available]
+    rows = [_describe(b) for b in backends]
     if opts.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2))  # flags as JSON true/false
         return 0
     columns = [
         "name",
@@ -36,17 +37,18 @@ def main(argv: Sequence[str]) -> int:
         "backward",
         "lossy",
     ]
-    table = [[str(row[c]) for c in columns] for row in rows]
+    table = [[_cell(row[c]) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for r in table:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-    unavailable = [b for b in registry.list_backends() if b.reasons]
+    unavailable = [b for b in backends if b.reasons]  # none with --available: only what runs here
     if unavailable:
         print("\nnot available here:")
         for b in unavailable:
             print(f"  {b.name}: {'; '.join(b.reasons)}")
-    aliases = registry.aliases()
+    shown = {b.name for b in backends}
+    aliases = {alias: target for alias, target in registry.aliases().items() if target in shown}
     if aliases:
         print("\naliases: " + ", ".join(f"{a} -> {t}" for a, t in sorted(aliases.items())))
     print("\nplus 'auto' (best available backend per call) and chains like 'sage,flash,native'.")
@@ -62,20 +64,22 @@ def _describe(backend: object) -> dict[str, object]:
     return {
         "name": backend.name,
         "family": backend.family,
-        "available": "yes" if backend.available else "no",
+        "available": backend.available,
         "reasons": list(backend.reasons),
         "devices": "/".join(sorted(caps.devices)) if caps.devices else "any",
         "dtypes": "/".join(sorted(dtype_name(d).replace("float", "f") for d in caps.dtypes)) if caps.dtypes else "any",
         "head_dim": head_dim,
         "masks": "/".join(sorted(m for m in caps.masks if m != "none")) or "none",
-        "gqa": _yn(caps.gqa),
-        "causal": _yn(caps.causal),
-        "dropout": _yn(caps.dropout),
-        "backward": _yn(caps.backward),
-        "lossy": _yn(caps.lossy),
+        "gqa": caps.gqa,
+        "causal": caps.causal,
+        "dropout": caps.dropout,
+        "backward": caps.backward,
+        "lossy": caps.lossy,
         "description": backend.description,
     }
 
 
-def _yn(value: bool) -> str:
-    return "yes" if value else "no"
+def _cell(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
