@@ -109,18 +109,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     rows: list[Row] = []
+    written: list[str] = []  # this run's images only (the folder may hold older ones)
     jobs = workloads(opts.steps, opts.tokens, device, dtype)
     for name in models:
         job = jobs[name]
         model_rows = run_model(job, job.build(), backends, opts.repeat)
         for row in model_rows:
-            job.save(row, out_dir)
+            saved = job.save(row, out_dir)
+            if saved is not None:
+                written.append(saved.name)
         rows.extend(model_rows)
     elapsed = time.perf_counter() - began
     print(format_table(rows, device, opts))
     for name, why in left_out.items():
         print(f"left out: {name} ({why})")
-    images = sorted(p.name for p in out_dir.glob("*.png"))
+    images = sorted(written)
     summary = {
         "device": device.type,
         "dtype": dtype_name,
@@ -214,13 +217,13 @@ def _measure(name: str, backend: str, model: Any, run: Callable[[Any], Any], rep
 @dataclass
 class Workload:
     """A tiny model and what to do with it: ``run(build())`` is one generation; ``compare(a, b)`` -> (max abs
-    difference, note); ``save(row, folder)`` writes what a row generated."""
+    difference, note); ``save(row, folder)`` writes what a row generated and returns the file (None: nothing)."""
 
     name: str
     build: Callable[[], Any]
     run: Callable[[Any], Any]
     compare: Callable[[Any, Any], tuple[float, str]]
-    save: Callable[[Row, Path], None]
+    save: Callable[[Row, Path], Path | None]
 
 
 def workloads(steps: int = 2, tokens: int = 8, device: Any = "cpu", dtype: Any = None) -> dict[str, Workload]:
@@ -284,15 +287,17 @@ def _image_compare(output: Any, baseline: Any) -> tuple[float, str]:
     return float(abs(output.astype("float64") - baseline.astype("float64")).max()), ""
 
 
-def _save_image(row: Row, out_dir: Path) -> None:
+def _save_image(row: Row, out_dir: Path) -> Path | None:
     try:
         from PIL import Image
     except ImportError:  # diffusers needs PIL, so this is rare; the table is the main result
-        return
+        return None
     pixels = (row.output[0].clip(0, 1) * 255).round().astype("uint8")
     image = Image.fromarray(pixels).resize((pixels.shape[1] * 4, pixels.shape[0] * 4), Image.Resampling.NEAREST)
     backend = row.backend.strip("()").replace(",", "+")
-    image.save(out_dir / f"{row.model}-{backend}.png")
+    path = out_dir / f"{row.model}-{backend}.png"
+    image.save(path)
+    return path
 
 
 def format_table(rows: list[Row], device: Any, opts: argparse.Namespace) -> str:
@@ -315,10 +320,10 @@ def format_table(rows: list[Row], device: Any, opts: argparse.Namespace) -> str:
                 row.note,
             ]
         )
-    lines = [
-        f"tiny models on {device.type} ({opts.dtype}): diffusion {opts.steps} step(s) at 32x32, "
-        f"Llama greedy {opts.tokens} tokens on a left-padded batch; ms = best of {max(1, opts.repeat)}"
-    ]
+    ran = {row.model for row in rows}
+    what = [f"diffusion {opts.steps} step(s) at 32x32"] if ran & {"sd", "flux"} else []
+    what += [f"Llama greedy {opts.tokens} tokens on a left-padded batch"] if "llama" in ran else []
+    lines = [f"tiny models on {device.type} ({opts.dtype}): {', '.join(what)}; ms = best of {max(1, opts.repeat)}"]
     lines += align(table, indent="")
     reasons = Counter[str]()
     for row in rows:

@@ -62,3 +62,15 @@ def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "unknown attention backend 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["demo", "--models", "sd,gpt", "--out", str(tmp_path)])
+
+
+def test_a_subset_reports_only_what_it_ran(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "flux-native.png").write_bytes(b"an image of an earlier run")
+    assert cli.main(["demo", "--fast", "--models", "sd", "--backends", "native", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "Llama" not in printed.out and "flux" not in printed.out
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["images"] == ["sd-native.png", "sd-unpatched.png"], "this run's images, not the folder's"
+    assert f"({len(summary['images'])} images)" in printed.out + printed.err
