@@ -15,7 +15,8 @@ def test_a_broken_install_prints_one_line_and_the_script_runs(tmp_path: Path) ->
     (site_dir / "attnpatch").mkdir(parents=True)
     (site_dir / "attnpatch" / "__init__.py").write_text("raise ImportError('cannot import name _C (broken install)')\n")
     shutil.copy(PTH, site_dir)
-    code = f"import site; site.addsitedir({str(site_dir)!r}); print('the script ran')"
+    # The broken package first on sys.path (ahead of any installed attnpatch), then its site dir's .pth processed.
+    code = f"import site, sys; sys.path.insert(0, {str(site_dir)!r}); site.addsitedir({str(site_dir)!r}); print('the script ran')"
     result = subprocess.run(
         [sys.executable, "-I", "-c", code],
         capture_output=True,
