@@ -15,10 +15,10 @@ def test_a_broken_install_prints_one_line_and_the_script_runs(tmp_path: Path) ->
     (site_dir / "attnpatch").mkdir(parents=True)
     (site_dir / "attnpatch" / "__init__.py").write_text("raise ImportError('cannot import name _C (broken install)')\n")
     shutil.copy(PTH, site_dir)
-    # The broken package first on sys.path (ahead of any installed attnpatch), then its site dir's .pth processed.
-    code = f"import site, sys; sys.path.insert(0, {str(site_dir)!r}); site.addsitedir({str(site_dir)!r}); print('the script ran')"
+    # -S: no site-packages at start (so no installed attnpatch and no other .pth); then only this site dir's.
+    code = f"import site; site.addsitedir({str(site_dir)!r}); print('the script ran')"
     result = subprocess.run(
-        [sys.executable, "-I", "-c", code],
+        [sys.executable, "-I", "-S", "-c", code],
         capture_output=True,
         text=True,
         env={"ATTNPATCH_BACKEND": "flash", "PATH": "/usr/bin:/bin"},
@@ -37,5 +37,7 @@ def test_the_line_does_nothing_without_the_variable(tmp_path: Path) -> None:
     site_dir.mkdir()
     shutil.copy(PTH, site_dir)
     code = f"import site, sys; site.addsitedir({str(site_dir)!r}); print('attnpatch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, env={}, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, env={}, timeout=60
+    )
     assert (result.stdout, result.stderr) == ("False\n", "")
