@@ -53,10 +53,20 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable("ATTNPATCH_AUTOTUNE", "With backend `auto`: time the candidates per call kind and keep the fastest.", "1"),
     Variable(
-        "ATTNPATCH_CACHE_DIR", "Where the autotune cache lives (default: the user cache dir).", "~/.cache/attnpatch"
+        "ATTNPATCH_CACHE_DIR",
+        "Where the autotune cache and the Hub lock file (hub-lock.json) live (default: the user cache dir).",
+        "~/.cache/attnpatch",
     ),
     Variable(
-        "ATTNPATCH_TRUST_HUB_KERNELS", "Opt in to download and run attention kernels from the Hugging Face Hub.", "1"
+        "ATTNPATCH_TRUST_HUB_KERNELS",
+        "Opt in to download and run attention kernels from the Hugging Face Hub: 1, true, yes or on; anything else "
+        "is no.",
+        "1",
+    ),
+    Variable(
+        "ATTNPATCH_HUB_TRUST_REMOTE_CODE",
+        "Hub repositories the kernels package may load although the Hub does not mark their publisher trusted.",
+        "SageAttention/sage-attention,SageAttention/sage-blackwell",
     ),
 )
 
@@ -99,10 +109,6 @@ def checks() -> bool:
 
 def allow_lossy() -> bool:
     return flag("ATTNPATCH_ALLOW_LOSSY")
-
-
-def trust_hub_kernels() -> bool:
-    return flag("ATTNPATCH_TRUST_HUB_KERNELS")
 
 
 def describe() -> str:

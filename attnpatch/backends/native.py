@@ -39,9 +39,11 @@ def native(
     """
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     gqa = k.shape[1] != q.shape[1]
-    if attn_mask is None and not dropout_p and not is_causal and scale is None and not gqa:
-        # Every extra argument costs torch's argument parser ~0.1 us: the plain call keeps routing overhead low.
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    if not dropout_p and not is_causal and scale is None and not gqa:
+        # Every extra argument costs torch's argument parser ~0.1 us: the plain calls keep routing overhead low.
+        if attn_mask is None:
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
     )

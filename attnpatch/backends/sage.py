@@ -303,7 +303,9 @@ _define(
 
 # ----- SageAttention from the Hugging Face Hub (opt-in; see attnpatch/backends/hub.py) ---------------------------
 # SageAttention3 for Blackwell takes (batch, heads, seq, head_dim), head dims 64 and 128, derives its scale from
-# the head dim and subtracts the key mean in place.
+# the head dim and subtracts the key mean in place. It runs on sm_120 only (mha_fwd refuses all but 12.0/12.1; the
+# Hub build targets sm_120a) and needs as many key heads as query heads, so key/value heads are repeated, which is
+# exact: each head is quantised on its own.
 
 
 def sage3_kernel(
@@ -348,13 +350,12 @@ hub.define_hub(
     sage3_kernel,
     sage_caps(
         scale=False,
-        min_compute_capability=(10, 0),
+        min_compute_capability=(12, 0),
         max_compute_capability=(12, 0),
         tolerance={torch.float16: (0.25, 0.25), torch.bfloat16: (0.25, 0.25)},  # FP4
         priority=0,
     ),
     "SageAttention3 (FP4) for Blackwell from SageAttention/sage-blackwell (Hub, opt-in); lossy",
-    lambda call: _probe.capability_in(call, ((10, 0), (12, 0)), "the architectures it is built for"),
     lambda call: _probe.same_length_causal(call, "SageAttention3"),
     _sage3_head_dims,
 )

@@ -6,6 +6,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from attnpatch.backends import hub
 from attnpatch.core import registry
 from attnpatch.core.call import dtype_name
 from attnpatch.core.registry import Backend
@@ -51,6 +52,9 @@ def main(argv: Sequence[str]) -> int:
     aliases = {alias: target for alias, target in registry.aliases().items() if target in shown}
     if aliases:
         print("\naliases: " + ", ".join(f"{a} -> {t}" for a, t in sorted(aliases.items())))
+    sources = [f"  {n}: {hub.KERNELS[n].repo_id}@{hub.revision(n)}" for n in hub.KERNELS if n in shown]
+    if sources:  # the commit when python -m attnpatch hub lock fixed one
+        print("\nHub kernels (repository@revision):\n" + "\n".join(sources))
     print("\nplus 'auto' (best available backend per call) and chains like 'sage,flash,native'.")
     return 0
 

@@ -38,7 +38,10 @@ _plain = True  # no checks and no observers: the fast path may run
 _contexts = 0  # attention_backend blocks open in eager code; none: only the thread-local (compiled blocks) is read
 _strict = False
 
-_fallbacks: Counter[tuple[str, str, str, str]] = Counter()
+FallbackKey = tuple[str, str, str, str]  # (requested chain, refusing backend, serving backend, reason)
+_fallbacks: Counter[FallbackKey] = Counter()
+# (chain, site, shapes, dtype, device, mask kind, causal, dropout, scale given, grad) -> (backend, fallback keys)
+_decisions: dict[tuple[Any, ...], tuple[Backend, tuple[FallbackKey, ...]]] = {}
 # (site, reason) -> calls that a patcher passed to the library's own code untouched (softcap, return_lse, ...).
 _passthroughs: Counter[tuple[str | None, str]] = Counter()
 _warned: set[tuple[str, str]] = set()
@@ -47,6 +50,7 @@ _reason_cache: dict[tuple[str, CallSpec], list[str]] = {}
 # Bounds on what grows with the number of distinct call shapes (a decode loop, a dynamic-resolution pipeline):
 # reasons per call kind are recomputed after the cache is dropped; fallback counts beyond the limit aggregate.
 MAX_REASON_CACHE = 4096
+MAX_DECISIONS = 1024
 MAX_FALLBACK_KINDS = 1024
 MAX_WARNINGS_PER_BACKEND = 20
 OTHER_REASONS = "(other reasons: more distinct reasons than the report itemises)"
@@ -58,12 +62,14 @@ def _sync() -> None:
     # Reading a setting loads them all (from the environment where not set explicitly).
     _strict = selection.strict()
     _plain = not selection.checks() and not hooks.observers
+    _decisions.clear()  # strict mode, checks, the auto chooser: decisions may differ now
     _default = selection.loaded_default()
     _contexts = selection.open_contexts()
 
 
 def _registry_changed() -> None:
     _reason_cache.clear()
+    _decisions.clear()
 
 
 registry.on_change(_registry_changed)
@@ -93,13 +99,18 @@ def dispatch_attention(
     is_causal: top-left aligned like torch's SDPA; may be combined with attn_mask (both apply).
     backend: per-call selection (name, alias, ``auto`` or chain), overriding every other setting.
     """
-    # Fast path, kept inline (each Python call level costs ~0.1 us): no per-call backend, no mask, no checks,
-    # no observers, and a selection whose first backend serves every call.
-    if backend is None and attn_mask is None and _plain:
+    # Fast path, kept inline (each Python call level costs ~0.1 us): no per-call backend, no checks, no
+    # observers, and a selection whose first backend serves every call (a mask is normalised here, once).
+    if backend is None and _plain:
         local = _scope
         chain = local.module or (selection.context_chain() if _contexts else local.context) or _default
         if chain is not None and chain.fast is not None:
-            return chain.fast.fn(query, key, value, None, dropout_p, is_causal, scale, enable_gqa)
+            if attn_mask is not None:
+                attn_mask, kind = masks.normalize(attn_mask, query, key)
+                if is_causal:
+                    attn_mask, kind = masks.fold_causal(attn_mask, kind, query.shape[1], key.shape[1])
+                    is_causal = False
+            return chain.fast.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return route(
         query,
         key,
@@ -164,6 +175,38 @@ def _route_slow(
     enable_gqa: bool,
     site: str | None,
 ) -> torch.Tensor:
+    # A call of a kind seen before, with nobody observing: the decision made then (which backend serves it, which
+    # refused and why, for the counts), without a CallSpec, reasons or auto's ranking. A tuple of the facts the
+    # decision depends on; anything else (a registry change, device emulation, strict mode, another auto
+    # chooser) clears the cache.
+    decision_key = None
+    if not hooks.observers and not torch.compiler.is_compiling():
+        needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        decision_key = (
+            chain,
+            site or _scope.site,
+            query.shape,
+            key.shape,
+            value.shape[-1],
+            query.dtype,
+            query.device,
+            kind,
+            is_causal,
+            dropout_p > 0.0,
+            scale is None,
+            needs_grad,
+        )
+        decided = _decisions.get(decision_key)
+        if decided is not None:
+            decided_backend, counted = decided
+            try:
+                out = decided_backend.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            except Exception:
+                pass
+            else:
+                for counted_key in counted:
+                    _fallbacks[counted_key] += 1
+                return out
     call = CallSpec.of(query, key, value, kind, dropout_p, is_causal, scale)
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     site = site or _scope.site
@@ -198,10 +241,13 @@ def _route_slow(
             failure = exc
             refused[backend.name] = [f"raised {type(exc).__name__}: {_shorten(str(exc))}"]
             continue
-        if refused:
-            _note_fallback(chain, backend, refused)
+        counted = _note_fallback(chain, backend, refused) if refused else ()
         if selection.checks():
             check_output(out, query, value, backend.name)
+        if decision_key is not None and override is None:
+            if len(_decisions) >= MAX_DECISIONS:
+                _decisions.clear()
+            _decisions[decision_key] = (backend, counted)
         return _observed(out, seconds, backend, requested, refused, site, args, call)
     if failure is not None:
         raise failure  # the last candidate raised too (native on bad input, say): its own error, as unpatched
@@ -304,13 +350,16 @@ def _pick_auto(call: CallSpec, args: tuple[Any, ...]) -> Backend | str:
     return candidates[0]
 
 
-def _note_fallback(chain: Chain, chosen: Backend, refused: dict[str, list[str]]) -> None:
+def _note_fallback(chain: Chain, chosen: Backend, refused: dict[str, list[str]]) -> tuple[FallbackKey, ...]:
+    """Count (and warn once about) each refusal of this call; returns the keys counted, for later calls."""
+    counted = []
     for name, reasons in refused.items():
         for reason in reasons:
             key = (chain.spec, name, chosen.name, reason)
             if key not in _fallbacks and len(_fallbacks) >= MAX_FALLBACK_KINDS:
                 key = (chain.spec, name, chosen.name, OTHER_REASONS)  # reasons that name shapes: bounded memory
             _fallbacks[key] += 1
+            counted.append(key)
             if (name, reason) in _warned:
                 continue
             with _lock:
@@ -330,6 +379,7 @@ def _note_fallback(chain: Chain, chosen: Backend, refused: dict[str, list[str]])
                 AttnpatchWarning,
                 stacklevel=_user_stacklevel(),
             )
+    return tuple(counted)
 
 
 def _user_stacklevel() -> int:

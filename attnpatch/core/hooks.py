@@ -95,6 +95,7 @@ def set_auto_chooser(chooser: AutoChooser | None) -> AutoChooser | None:
     """Install ``chooser`` for ``auto`` (None: the highest priority wins); returns the previous one."""
     global _auto_chooser
     previous, _auto_chooser = _auto_chooser, chooser
+    _changed()
     return previous
 
 

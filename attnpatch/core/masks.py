@@ -10,51 +10,80 @@ Note that a 2-D mask is *key padding* here, not SDPA's (seq_q, seq_kv): pass tha
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from attnpatch.core.call import MASK_ADDITIVE, MASK_BOOL, MASK_KEY_PADDING, MASK_NONE
 from attnpatch.errors import CheckFailed
 
+# The last mask normalised and its result: a model passes one mask object to every layer of a forward, so the
+# checks run once per forward, not once per layer. Kept only for results that are views of the mask (bool masks,
+# additive ones in the query's dtype), which an in-place update of the mask cannot make stale.
+_last: tuple[Any, ...] = (None, None, None, None)
+
 
 def normalize(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """Return (mask (B|1, 1|H, Sq|1, Skv), kind) for query (B, Sq, H, D) and key (B, Skv, Hkv, D)."""
+    """Return (mask (B|1, 1|H, Sq|1, Skv), kind) for query (B, Sq, H, D) and key (B, Skv, Hkv, D).
+
+    Runs on every masked call: the same mask as the last call is answered from a one-entry cache; otherwise shapes
+    are read once, and singleton dims are added with ``view`` (a fraction of the cost of indexing with None).
+    """
+    global _last
+    if torch.compiler.is_compiling():  # traced code must not read or keep a module-level tensor
+        return _normalize(mask, query, key)
+    last = _last
+    if mask is last[0] and query.shape == last[1] and key.shape[1] == last[2]:
+        return last[3]
+    result = _normalize(mask, query, key)
+    if result[0] is mask or result[0]._base is mask:
+        _last = (mask, query.shape, key.shape[1], result)
+    return result
+
+
+def _normalize(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, str]:
     if not isinstance(mask, torch.Tensor):
         raise CheckFailed(
             f"attn_mask is a {type(mask).__name__}, not a tensor: pass a torch.Tensor (bool: True = attend, or "
             "additive float) of shape (batch, seq_kv), (batch, seq_q, seq_kv) or (batch, heads, seq_q, seq_kv)"
         )
-    batch, seq_q, heads = query.shape[0], query.shape[1], query.shape[2]
+    batch, seq_q, heads = query.shape[:3]
     seq_kv = key.shape[1]
+    shape = mask.shape
+    ndim = len(shape)
     if mask.dtype != torch.bool and not mask.is_floating_point():
         mask = mask != 0  # integer keep-masks (tokenizer attention_mask) mean the same as bool ones
-    if mask.dim() == 2:
-        if mask.shape[0] != batch or mask.shape[1] != seq_kv:
-            raise CheckFailed(
-                f"attn_mask of shape {tuple(mask.shape)}: a 2-D mask is key padding (batch={batch}, "
-                f"seq_kv={seq_kv}); pass a (seq_q, seq_kv) mask as (1, 1, seq_q, seq_kv)"
-            )
-        mask = mask[:, None, None, :]
-    elif mask.dim() == 3:
-        if mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, seq_q) or mask.shape[2] != seq_kv:
-            raise CheckFailed(
-                f"attn_mask of shape {tuple(mask.shape)}: a 3-D mask must be (batch={batch}|1, seq_q={seq_q}|1, "
-                f"seq_kv={seq_kv})"
-            )
-        mask = mask[:, None]
-    elif mask.dim() == 4:
-        b, h, q, k = mask.shape
+    if ndim == 4:
+        b, h, q, k = shape
         if b not in (1, batch) or h not in (1, heads) or q not in (1, seq_q) or k != seq_kv:
             raise CheckFailed(
-                f"attn_mask of shape {tuple(mask.shape)}: a 4-D mask must broadcast to (batch={batch}, "
+                f"attn_mask of shape {tuple(shape)}: a 4-D mask must broadcast to (batch={batch}, "
                 f"heads={heads}, seq_q={seq_q}, seq_kv={seq_kv})"
             )
+    elif ndim == 2:
+        if shape[0] != batch or shape[1] != seq_kv:
+            raise CheckFailed(
+                f"attn_mask of shape {tuple(shape)}: a 2-D mask is key padding (batch={batch}, "
+                f"seq_kv={seq_kv}); pass a (seq_q, seq_kv) mask as (1, 1, seq_q, seq_kv)"
+            )
+        b, h, q = batch, 1, 1
+        mask = mask.view(batch, 1, 1, seq_kv)
+    elif ndim == 3:
+        b, q = shape[0], shape[1]
+        if b not in (1, batch) or q not in (1, seq_q) or shape[2] != seq_kv:
+            raise CheckFailed(
+                f"attn_mask of shape {tuple(shape)}: a 3-D mask must be (batch={batch}|1, seq_q={seq_q}|1, "
+                f"seq_kv={seq_kv})"
+            )
+        h = 1
+        mask = mask.view(b, 1, q, seq_kv)
     else:
         raise CheckFailed(
-            f"attn_mask with {mask.dim()} dims, shape {tuple(mask.shape)}: use (batch, seq_kv), "
+            f"attn_mask with {ndim} dims, shape {tuple(shape)}: use (batch, seq_kv), "
             "(batch, seq_q, seq_kv) or (batch, heads, seq_q, seq_kv)"
         )
     if mask.dtype == torch.bool:
-        return mask, (MASK_KEY_PADDING if mask.shape[1] == 1 and mask.shape[2] == 1 else MASK_BOOL)
+        return mask, (MASK_KEY_PADDING if h == 1 and q == 1 else MASK_BOOL)
     if mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
     return mask, MASK_ADDITIVE
