@@ -247,3 +247,24 @@ def test_list_into_a_closed_pipe_ends_quietly() -> None:
     stderr = child.stderr.read().decode()
     assert child.wait(timeout=120) == 0, stderr
     assert "BrokenPipeError" not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_overhead_measures_every_path_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "overhead.json"
+    assert cli.main(["bench", "--overhead", "--rounds", "2", "--calls", "5", "--json", str(path)]) == 0
+    results = json.loads(path.read_text())["results"]
+    expected = {
+        "no mask (fast path)",
+        "key-padding mask (batch, seq_kv)",
+        "4-D bool mask",
+        "additive mask",
+        "auto (after its first call)",
+        "fallback chain (after its warning)",
+        "context selection",
+        "per-module: diffusers AttnProcessor2_0",
+        "per-module: transformers LlamaAttention (sdpa)",
+    }
+    assert set(results) == expected
+    for row in results.values():
+        assert row["direct_us"] > 0 and row["routed_us"] > 0 and row["target_us"] in (0.3, 1.0)
+    assert "target < 0.3 us" in capsys.readouterr().out
