@@ -31,6 +31,12 @@ from attnpatch.core.call import MASK_BOOL, MASK_KEY_PADDING, MASK_NONE
 from attnpatch.core.capabilities import Capabilities
 
 LEFT_UP_CAUSAL = 2  # sparse_mode
+# Each torch-npu release requires torch of its own release (torch-npu 2.14.0: torch==2.14.0.*), so an unpinned
+# `pip install torch-npu` replaces the installed torch with the newest one; the command names this torch's release.
+NPU_HINT = (
+    f"pip install 'torch-npu=={_probe.torch_release()}.*' (torch-npu pins torch to its own release: an unpinned "
+    "torch-npu replaces torch)"
+)
 COMPRESSED_MASK = 2048
 
 
@@ -87,7 +93,7 @@ define(
         deterministic=False,
         priority=50,  # on NPUs the alternative is native SDPA (10)
     ),
-    requires=_probe.requires("torch_npu", "torch-npu", device=None),
+    requires=_probe.requires("torch_npu", "torch-npu", device=None, hint=NPU_HINT),
     check=_probe.library_check("torch_npu", replayed=False),  # called directly, not through the op
     description="torch_npu.npu_fusion_attention (Ascend); bool/key-padding masks, top-left causal",
     aliases=("npu", "npu_fusion_attention", "native_npu"),

@@ -54,6 +54,11 @@ TRITON_FUNCTIONS = ("sageattn_varlen", "sageattn_qk_int8_pv_fp16_triton")
 # The kernels compute element offsets in int32 (upstream issue 386): a tensor whose largest offset passes this is
 # copied contiguous, and a call whose contiguous tensors still pass it is refused.
 INT32_OFFSETS = 2**31
+# The package index serves only 1.0.6: SageAttention 2.x is built from source for the GPU at hand.
+BUILD_2X = (
+    "PyPI serves only 1.0.6; build SageAttention 2.x for your GPU: git clone https://github.com/thu-ml/SageAttention "
+    "&& cd SageAttention && pip install --no-build-isolation ."
+)
 
 
 def _library() -> Any:
@@ -89,7 +94,7 @@ def tail_block_reasons(call: CallSpec, version: tuple[int, ...], function: str) 
         return []
     installed = ".".join(map(str, version))
     head = f"sageattention {installed}'s Triton kernels do not mask the last block of {KEY_BLOCK} keys"
-    fix = "fixed in sageattention 2.2.0 (upstream commit 3917283): pip install -U 'sageattention>=2.2.0'"
+    fix = f"fixed in sageattention >= 2.2.0 (upstream commit 3917283); {BUILD_2X}"
     if function == "sageattn_varlen" and call.mask_kind == MASK_KEY_PADDING:
         return [
             f"{head}: non-causal sequences whose length is not a multiple of {KEY_BLOCK} come out too small, and "
@@ -241,7 +246,7 @@ def _define(
         kernel,
         family="sage",
         caps=caps,
-        requires=_probe.requires("sageattention", "sageattention", min_version),
+        requires=_probe.requires("sageattention", "sageattention", min_version, upgrade=BUILD_2X),
         check=check,
         description=description,
         aliases=aliases,

@@ -102,7 +102,8 @@ def _model_paths(batch: int, seq: int) -> list[Path]:
         import attnpatch
 
         layer = Attention(query_dim=64, heads=2, dim_head=32).eval()
-        layer.set_processor(AttnProcessor2_0())
+        processor: Any = AttnProcessor2_0()  # diffusers annotates set_processor with its base AttnProcessor class
+        layer.set_processor(processor)
         patched = attnpatch.apply(copy.deepcopy(layer), backend="native")
         hidden = torch.randn(batch, seq, 64)
         found.append(Path("per-module: diffusers AttnProcessor2_0", lambda: layer(hidden), lambda: patched(hidden)))

@@ -62,10 +62,13 @@ EXPECTED_REASON = {
     "flash_varlen": "flash_attn not installed: pip install flash-attn --no-build-isolation",
     "_flash_3": "flash_attn_interface not installed: build FlashAttention-3 from",
     "_flash_varlen_3": "flash_attn_interface not installed: build FlashAttention-3 from",
-    "aiter": "aiter not installed: pip install amd-aiter",
+    "flash_4": "flash_attn.cute not installed: pip install 'flash-attn-4>=4.0.0b5'",
+    # amd-aiter exists as pre-releases only: the specifier names one, so pip takes it without --pre
+    "aiter": "aiter not installed: pip install 'amd-aiter>=0.1.5.dev0'",
     "xformers": "xformers not installed: pip install xformers",
-    "_native_xla": "torch_xla not installed: pip install torch-xla",
-    "_native_npu": "torch_npu not installed: pip install torch-npu",
+    # both must match the installed torch release: an unpinned install replaces torch (torch-npu) or fails to load
+    "_native_xla": f"torch_xla not installed: pip install 'torch-xla[tpu]=={torch.__version__.split('+')[0]}'",
+    "_native_npu": f"torch_npu not installed: pip install 'torch-npu=={torch.__version__.split('+')[0]}.*'",
     **{name: "sageattention not installed: pip install sageattention" for name in SAGE if name not in hub.KERNELS},
     **{name: "kernels not installed: pip install kernels" for name in hub.KERNELS},
 }
@@ -97,8 +100,8 @@ def test_list_command_shows_every_backend() -> None:
 def test_listing_imports_no_kernel_package() -> None:
     code = (
         "import sys\nfrom attnpatch.core import registry\n[b.reasons for b in registry.list_backends()]\n"
-        "print(sorted(m for m in ('flash_attn', 'flash_attn_interface', 'sageattention', 'xformers', 'aiter', "
-        "'torch_xla', 'torch_npu', 'kernels', 'triton') if m in sys.modules))"
+        "print(sorted(m for m in ('flash_attn', 'flash_attn.cute', 'flash_attn_interface', 'sageattention', "
+        "'xformers', 'aiter', 'torch_xla', 'torch_npu', 'kernels', 'triton') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]"
@@ -126,14 +129,18 @@ def test_version_too_old(fake_libraries: Any, monkeypatch: pytest.MonkeyPatch) -
     ("name", "capability", "reason"),
     [
         ("flash", (7, 5), "needs compute capability >= 8.0, found 7.5"),
-        ("_flash_3", (8, 6), "needs compute capability >= 9.0, found 8.6"),
+        ("_flash_3", (7, 5), "needs compute capability >= 8.0, found 7.5"),
         ("_flash_3", (10, 0), "runs on compute capability <= 9.0, found 10.0"),
-        ("flash_4_hub", (12, 0), "runs on compute capability <= 11.0, found 12.0"),
+        ("_flash_3", (12, 0), "runs on compute capability <= 9.0, found 12.0"),
+        ("flash_4", (7, 5), "needs compute capability >= 8.0, found 7.5"),
+        # the fake has no flash-attn-4 metadata, and the Hub build's release is unknown: every release's rules
+        ("flash_4", (13, 0), "FlashAttention-4 of unknown release runs on compute capability 9.x-11.x, found 13.0"),
+        ("flash_4_hub", (12, 0), "FlashAttention-4 of unknown release runs on compute capability 9.x-11.x, found"),
         ("_sage_qk_int8_pv_fp8_cuda_sm90", (8, 9), "needs compute capability >= 9.0, found 8.9"),
         ("_sage_qk_int8_pv_fp8_cuda", (8, 6), "needs compute capability >= 8.9, found 8.6"),
         ("sage", (8, 7), "runs on compute capability 8.0, 8.6, 8.9, 9.0, 12.0 (the architectures sageattn"),
         ("sage_varlen", (12, 0), "SageAttention's Triton kernels are not usable on compute capability 12.x"),
-        ("sage_blackwell_hub", (11, 0), "runs on compute capability 10.0, 12.0"),
+        ("sage_blackwell_hub", (10, 0), "needs compute capability >= 12.0, found 10.0"),
         ("xformers", (7, 5), "xformers runs bfloat16 on compute capability >= 8.0 only, found 7.5"),
     ],
 )
@@ -152,6 +159,17 @@ def test_rocm_only_backends_refuse_nvidia(fake_libraries: Any, pretend: Any, tru
     pretend("cuda", (9, 0), rocm=False)
     assert ROCM_REASON in registry.get_backend("aiter").reasons
     assert ROCM_REASON in registry.get_backend("aiter_fa2_hub").reasons
+
+
+@pytest.mark.parametrize("name", ["_flash_3", "_flash_varlen_3", "flash_4", "flash_4_hub"])
+def test_nvidia_only_backends_refuse_amd(name: str, fake_libraries: Any, pretend: Any, trusted: None) -> None:
+    """An MI250 reports compute capability 9.0 (an MI300 9.4): within FA3's and FA4's ranges, yet not NVIDIA."""
+    pretend("cuda", (9, 0), rocm=True)
+    q, k, v = qkv(dtype=torch.bfloat16)
+    call = CallSpec.of(q, k, v, "none", 0.0, False, None)
+    backend = registry.get_backend(name)
+    reasons = backend.reasons + (backend.call_reasons(call) if backend.available else [])
+    assert any("needs an NVIDIA GPU: this is a ROCm build of torch" in reason for reason in reasons), reasons
 
 
 def test_cpu_tensors_are_refused(fake_libraries: Any) -> None:
@@ -246,9 +264,16 @@ def test_lossy_backends_are_never_auto_unless_allowed(
 
 @pytest.mark.parametrize(
     ("capability", "rocm", "first"),
-    # On sm80 torch's own cuDNN kernel (priority 45) ranks just above FlashAttention-2 (44), as declared in
-    # backends/native.py and flash.py; emulate_device makes torch's CUDA kernels count as present too.
-    [((9, 0), False, "_flash_3"), ((8, 0), False, "_native_cudnn"), ((9, 4), True, "aiter")],
+    # FlashAttention-3 (60) runs on sm80 and sm90 (hopper/flash_api.cpp: major >= 8), above torch's cuDNN (45) and
+    # FlashAttention-2 (44); FlashAttention-4 (58) comes next, and first on sm100 where FA3 has no kernel image.
+    # emulate_device makes torch's CUDA kernels count as present too.
+    [
+        ((9, 0), False, "_flash_3"),
+        ((8, 0), False, "_flash_3"),
+        ((8, 6), False, "_flash_3"),
+        ((10, 0), False, "flash_4"),
+        ((9, 4), True, "aiter"),
+    ],
 )
 def test_auto_order(
     capability: tuple[int, int], rocm: bool, first: str, fake_libraries: Any, pretend: Any, trusted: None
@@ -258,6 +283,8 @@ def test_auto_order(
     call = CallSpec.of(q, k, v, "none", 0.0, False, None)
     ranked = [b.name for b in dispatch.auto_candidates(call)]
     assert ranked[0] == first
+    if "_flash_3" in ranked and "flash_4" in ranked:
+        assert ranked.index("_flash_3") < ranked.index("flash_4"), "FA3 is the kernel written for Hopper"
     assert not set(ranked) & set(hub.KERNELS) and not set(ranked) & set(SAGE)
     with_padding = CallSpec.of(q, k, v, "key_padding", 0.0, False, None)
     assert "flash" not in [b.name for b in dispatch.auto_candidates(with_padding)]
@@ -279,7 +306,8 @@ def test_broken_install_is_a_reason(pretend: Any, monkeypatch: pytest.MonkeyPatc
     pretend("cuda", (8, 0))
     assert registry.get_backend("flash").available, "availability never imports the package"
     q, k, v = qkv()
-    with pytest.warns(AttnpatchWarning, match=r"flash_attn failed to import \(ImportError: .*undefined symbol"):
+    match = r"flash_attn failed to import \(ImportError: .*undefined symbol.*\): built for another torch: reinstall it"
+    with pytest.warns(AttnpatchWarning, match=match):
         out = dispatch.dispatch_attention(q, k, v, backend="flash")
     assert_matches(out, expected(q, k, v))
 

@@ -79,7 +79,7 @@ def test_sage_1x_tail_block_is_refused(
     q, k, v = qkv(heads_kv=2, seq_q=64, seq_kv=77)
     with pytest.raises(UnsupportedCall, match=r"sageattention 1\.0\.6's Triton kernels do not mask the last block"):
         dispatch.dispatch_attention(q, k, v, backend=backend)
-    assert "sageattention>=2.2.0" in str(
+    assert "sageattention >= 2.2.0" in str(
         registry.get_backend(backend).call_reasons(CallSpec.of(q, k, v, "none", 0.0, False, None))
     )
     q, k, v = qkv(heads_kv=2, seq_q=77, seq_kv=77)

@@ -9,8 +9,14 @@ import pytest
 import torch
 from kernel_setup import VARLEN, assert_matches, calls_of, expected, padding_mask, qkv, setup_backend
 
-from attnpatch.core import dispatch
+from attnpatch.core import dispatch, registry
 from attnpatch.errors import UnsupportedCall
+
+
+def test_every_varlen_backend_is_covered() -> None:
+    """Each backend that packs keys runs the tests below (an entry with no key included): a new one must be added."""
+    packing = {b.name for b in registry.list_backends() if b.builtin and "varlen" in b.name}
+    assert packing == set(VARLEN)
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])

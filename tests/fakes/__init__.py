@@ -14,6 +14,7 @@ import types
 from fakes import (
     fake_aiter,
     fake_flash_attn,
+    fake_flash_attn_cute,
     fake_flash_attn_interface,
     fake_kernels,
     fake_sageattention,
@@ -26,6 +27,7 @@ from fakes import (
 MODULES: dict[str, types.ModuleType] = {
     "flash_attn": fake_flash_attn,
     "flash_attn_interface": fake_flash_attn_interface,
+    "flash_attn.cute": fake_flash_attn_cute,
     "sageattention": fake_sageattention,
     "xformers": fake_xformers,
     "xformers.ops": fake_xformers,
@@ -41,6 +43,7 @@ MODULES: dict[str, types.ModuleType] = {
 ALL = (
     fake_aiter,
     fake_flash_attn,
+    fake_flash_attn_cute,
     fake_flash_attn_interface,
     fake_kernels,
     fake_sageattention,

@@ -30,7 +30,7 @@ import hashlib
 import re
 import types
 
-from fakes import fake_aiter, fake_flash_attn, fake_flash_attn_interface, fake_sageattention
+from fakes import fake_aiter, fake_flash_attn, fake_flash_attn_cute, fake_flash_attn_interface, fake_sageattention
 from fakes.reference import attention, record
 
 __version__ = "0.19.1"
@@ -41,26 +41,6 @@ calls: list[dict[str, object]] = []
 
 class ConnectError(Exception):
     """Like httpx (httpx2 here, huggingface_hub 2.4.0's transport) ConnectError: not an OSError."""
-
-
-def _flash_attn_4(
-    q,
-    k,
-    v,
-    softmax_scale=None,
-    causal=False,
-    window_size=(None, None),
-    learnable_sink=None,
-    softcap=0.0,
-    num_splits=1,
-    pack_gqa=None,
-    deterministic=False,
-    return_lse=False,
-):
-    """FAKE FlashAttention-4 (flash_attn/cute/interface.py) flash_attn_func: returns (out, lse)."""
-    assert q.shape[-1] % 8 == 0 and q.shape[-1] <= 256, "FAKE FA4: head_dim <= 256, divisible by 8"
-    record(calls, "flash_attn_4", q=q, k=k, v=v, softmax_scale=softmax_scale, causal=causal)
-    return attention(q, k, v, scale=softmax_scale, causal="bottom_right" if causal else None), None
 
 
 def _sageattn3_blackwell(q, k, v, attn_mask=None, is_causal=False, per_block_mean=True, **kwargs):
@@ -82,7 +62,7 @@ def _sageattn3_blackwell(q, k, v, attn_mask=None, is_causal=False, per_block_mea
 HUB = {
     "kernels-community/flash-attn2": fake_flash_attn,
     "kernels-community/flash-attn3": fake_flash_attn_interface,
-    "kernels-community/flash-attn4": types.SimpleNamespace(flash_attn_func=_flash_attn_4),
+    "kernels-community/flash-attn4": fake_flash_attn_cute,  # the Hub build packages the same interface
     "kernels-community/aiter-flash-attn-ck": fake_aiter,
     "SageAttention/sage-attention": fake_sageattention,
     "SageAttention/sage-blackwell": types.SimpleNamespace(sageattn3_blackwell=_sageattn3_blackwell),
