@@ -444,3 +444,9 @@ def note_passthrough(site: str | None, reason: str) -> None:
 
 def passthrough_counts() -> dict[tuple[str | None, str], int]:
     return dict(_passthroughs)
+
+
+# Load the settings (ATTNPATCH_* where not set explicitly) and the built-in backends now, when routing is first
+# needed: loading them lazily on the first call could happen inside a torch.compile trace, where the lock and the
+# environment read are graph breaks and the globals set afterwards force recompiles.
+_sync()
