@@ -252,3 +252,36 @@ def test_routing_memory_is_bounded_over_many_shapes(mine) -> None:
     assert grown < 3 * 2**20, f"routing state grew by {grown / 2**20:.1f} MiB over 20,000 shapes"
     assert shown == 0, "warnings for one backend are capped (the report counts every fallback)"
     assert len(attnpatch.fallback_counts()) <= 1024 + 1
+
+
+def test_routing_allocates_nothing_per_call_once_warm(mine) -> None:
+    # Issue 13: no per-call allocation by routing beyond the kernel's own, on every path (tracemalloc over 10,000
+    # calls of each, after a warm-up; the outputs are dropped at once).
+    import tracemalloc
+
+    mine(lambda *args: args[0], devices={"nowhere"})  # refuses every call: the first member of a fallback chain
+    q, k, v = qkv()
+    padding = torch.ones(1, 8, dtype=torch.bool)
+    bool_4d = torch.ones(8, 8, dtype=torch.bool).tril().view(1, 1, 8, 8)
+    additive = torch.zeros(1, 1, 8, 8)
+    calls = {
+        "no mask": lambda: attnpatch.dispatch_attention(q, k, v),
+        "key padding": lambda: attnpatch.dispatch_attention(q, k, v, attn_mask=padding),
+        "4-D bool": lambda: attnpatch.dispatch_attention(q, k, v, attn_mask=bool_4d),
+        "additive": lambda: attnpatch.dispatch_attention(q, k, v, attn_mask=additive),
+        "auto": lambda: attnpatch.dispatch_attention(q, k, v, backend="auto"),
+        "fallback chain": lambda: attnpatch.dispatch_attention(q, k, v, backend=f"{MINE},native"),
+    }
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, call in calls.items():
+            for _ in range(200):
+                call()
+            tracemalloc.start()
+            before = tracemalloc.take_snapshot()
+            for _ in range(10_000):
+                call()
+            after = tracemalloc.take_snapshot()
+            tracemalloc.stop()
+            grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+            assert grown < 32 * 1024, f"{name}: routing state grew by {grown} bytes over 10,000 calls"
