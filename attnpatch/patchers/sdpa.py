@@ -98,40 +98,24 @@ def route(
     """
     local = _local
     saved = local.depth
-    if not saved:  # outside any redirect scope: nothing to suspend, and no write to the thread-local (a write
-        # inside a compiled region makes dynamo's guard on it fail in the same frame, torch 2.13)
-        return _dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, module_chain, site)
-    local.depth = 0
+    if saved:  # written only inside a redirect scope: a write in a traced frame would fail dynamo's own guard on
+        local.depth = 0  # this thread-local in the same frame (torch 2.13)
     try:
-        return _dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, module_chain, site)
+        return dispatch.route(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+            module_chain=module_chain,
+            site=site,
+        )
     finally:
-        local.depth = saved
-
-
-def _dispatch(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-    module_chain: Chain | None,
-    site: str | None,
-) -> torch.Tensor:
-    return dispatch.route(
-        query,
-        key,
-        value,
-        attn_mask=attn_mask,
-        dropout_p=dropout_p,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=enable_gqa,
-        module_chain=module_chain,
-        site=site,
-    )
+        if saved:
+            local.depth = saved
 
 
 def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
