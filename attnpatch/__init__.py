@@ -34,7 +34,7 @@ _EXPORTS = {
     "set_attention_backend": "attnpatch.api",
     "unapply": "attnpatch.api",
     "uninstall": "attnpatch.api",
-    "attention_backend": "attnpatch.core.selection",
+    "attention_backend": "attnpatch.api",
     "current_backend": "attnpatch.core.selection",
     "dispatch_attention": "attnpatch.core.dispatch",
     "fallback_counts": "attnpatch.core.dispatch",
@@ -62,12 +62,19 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from attnpatch.api import apply, install, reset_attention_backend, set_attention_backend, unapply, uninstall
+    from attnpatch.api import (
+        apply,
+        attention_backend,
+        install,
+        reset_attention_backend,
+        set_attention_backend,
+        unapply,
+        uninstall,
+    )
     from attnpatch.core.capabilities import Capabilities
     from attnpatch.core.dispatch import dispatch_attention, fallback_counts
     from attnpatch.core.registry import get_backend, list_backends, register_backend, unregister_backend
     from attnpatch.core.selection import (
-        attention_backend,
         current_backend,
         get_default_backend,
         set_allow_lossy,

@@ -1,11 +1,13 @@
 """The public patching API: apply / unapply a backend to models, or install routing process-wide.
 
 ``apply(pipe, backend="sage")`` marks every attention layer of a diffusers pipeline, a diffusers model, a
-transformers model or any ``nn.Module`` containing them with the selection (``MODULE_ATTR``) and its qualified
-name (``SITE_ATTR``), and installs the library patchers, which route the calls of marked layers to the
-dispatcher. ``unapply`` removes the marks and, once no marked model and no process-wide install is left,
-uninstalls the patchers, so the models compute exactly what they did before. ``install`` routes every attention
-call of the process (models created later included) and is what the runner and the startup hook call.
+transformers model or any ``nn.Module`` containing them with the selection (``MODULE_ATTR``; ``apply(pipe)`` marks
+them FOLLOW: routed, on whatever the ``attention_backend()`` block or the process default selects) and its
+qualified name (``SITE_ATTR``), and installs the library patchers, which route the calls of marked layers to the
+dispatcher. ``unapply`` removes the marks and, once no marked layer (a deepcopy's included), no process-wide
+install and no open ``attention_backend()`` block is left, uninstalls the patchers, so the models compute exactly
+what they did before. ``install`` routes every attention call of the process (models created later included) and
+is what the runner and the startup hook call; ``attention_backend()`` routes the calls made inside its block.
 
 The selection is per attention layer, never a process global: two models with different backends in one
 process (and in different threads) keep their own (diffusers' own ``set_attention_backend`` flips a global:
@@ -15,6 +17,7 @@ diffusers issue #14249).
 from __future__ import annotations
 
 import fnmatch
+import gc
 import importlib
 import importlib.util
 import threading
@@ -28,7 +31,7 @@ from typing import Any, TypeVar
 from attnpatch import env
 from attnpatch.core import selection
 from attnpatch.errors import AttnpatchError, AttnpatchWarning
-from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, state
+from attnpatch.patchers import FOLLOW, KEEPER_ATTR, MODULE_ATTR, SITE_ATTR, Keeper, marks_alive, state
 
 T = TypeVar("T")
 
@@ -46,6 +49,8 @@ _marked: weakref.WeakSet[Any] = weakref.WeakSet()
 _installed_patchers: list[ModuleType] = []
 # Settings install() replaced, restored by uninstall(); None while no process-wide install is active.
 _process_wide: dict[str, Any] | None = None
+# attention_backend() blocks open now, in any thread: the patchers stay installed while one is.
+_open_blocks = 0
 
 
 @dataclass
@@ -56,13 +61,16 @@ class _Layer:
     library: str
 
 
-def apply(obj: T, backend: str | Mapping[str, str | None] = "native") -> T:
+def apply(obj: T, backend: str | Mapping[str, str | None] | None = None) -> T:
     """Route the attention of ``obj`` to ``backend``; returns ``obj``.
 
     obj: a diffusers pipeline (every component in ``obj.components``), a diffusers or transformers model, or
         any ``torch.nn.Module`` containing them.
-    backend: a selection (``"flash"``, ``"sage,flash,native"``, ``"auto"``), or a mapping from glob patterns to
-        selections. Patterns match component names (``"transformer"``, ``"text_encoder*"``) and module paths
+    backend: None (the default) routes every layer without a selection of its own: each call runs on what the
+        :func:`attention_backend` block around it, or else the process default (``set_default_backend``, the
+        runner, ATTNPATCH_BACKEND, then ``native``), selects at that moment. A selection (``"flash"``,
+        ``"sage,flash,native"``, ``"auto"``) is the layers' own and wins over any block. Or a mapping from glob
+        patterns to selections. Patterns match component names (``"transformer"``, ``"text_encoder*"``) and module paths
         (``"transformer.transformer_blocks.*.attn"``, ``"transformer.single_transformer_blocks"``); a key
         matching a module matches the attention layers inside it. Where several keys match a layer, the most
         specific wins (most non-wildcard characters), then the later key. ``None`` as a value leaves the
@@ -90,6 +98,7 @@ def apply(obj: T, backend: str | Mapping[str, str | None] = "native") -> T:
             else:
                 setattr(layer.module, MODULE_ATTR, spec)
                 setattr(layer.module, SITE_ATTR, layer.site)
+                setattr(layer.module, KEEPER_ATTR, Keeper())
                 _marked.add(layer.module)
         _uninstall_if_unused()
     return obj
@@ -166,6 +175,33 @@ def uninstall() -> None:
             selection.set_strict(saved["strict"])
             selection.set_checks(saved["checks"])
         _uninstall_if_unused()
+
+
+class attention_backend(selection.attention_backend):  # noqa: N801 - used like a function, as in diffusers
+    """Select a backend (or chain) for the attention calls made inside the block, in this thread only.
+
+    The models called inside the block are routed whether or not anything applied them: the patchers are installed
+    at the first block (as diffusers' own context manager needs nothing applied either) and stay installed while a
+    block is open in any thread. A layer with a selection of its own (``apply(obj, backend="flash")``) keeps it; a
+    layer applied without a backend follows the block. Nestable; also a decorator.
+    """
+
+    def __enter__(self) -> attention_backend:
+        global _open_blocks
+        with _lock:
+            if not _installed_patchers and not env.disabled():
+                _install_patchers(_available_patchers())
+            _open_blocks += 1
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _open_blocks
+        try:
+            super().__exit__(*exc)
+        finally:
+            with _lock:
+                _open_blocks -= 1
 
 
 def installed_patchers() -> list[str]:
@@ -249,6 +285,8 @@ def _find_layers(roots: list[tuple[str, Any]], patchers: list[ModuleType]) -> li
 
 def _validate_selection(backend: Any) -> dict[str, str | None]:
     """{pattern: selection spec} (one "*" pattern for a plain selection); raises before anything changes."""
+    if backend is None:
+        return {"*": FOLLOW}
     if isinstance(backend, str):
         return {"*": selection.resolve(backend).spec}
     if isinstance(backend, Mapping):
@@ -339,7 +377,8 @@ def _nothing_found_message(obj: Any, roots: list[tuple[str, Any]], patchers: lis
             why = (
                 f"its {len(skipped)} diffusers attention layers use processors that compute the attention "
                 f"probabilities themselves ({', '.join(classes)}), which attnpatch leaves alone; "
-                "model.set_default_attn_processor() or AttnProcessor2_0 makes them routable"
+                "model.set_attn_processor(AttnProcessor2_0()) makes them routable, e.g. "
+                "pipe.unet.set_attn_processor(AttnProcessor2_0()) (set_default_attn_processor() installs AttnProcessor)"
             )
         elif libraries:
             why = f"it is a {'/'.join(sorted(libraries))} model, but none of its layers calls softmax attention "
@@ -365,8 +404,14 @@ def _install_patchers(patchers: list[ModuleType]) -> None:
 def _uninstall_if_unused() -> None:
     # With no marked layer and no process-wide routing, the wrappers would only cost time: take them out, so
     # the libraries run their own unmodified code again.
-    if _process_wide is not None or state.route_all or any(_is_marked(m) for m in list(_marked)):
+    if _process_wide is not None or state.route_all or _open_blocks or any(_is_marked(m) for m in list(_marked)):
         return
+    # A deepcopy of an applied model (an EMA copy) is marked too, unseen by us: its Keepers are alive. So are those of
+    # a dropped model caught in a reference cycle (torch.compile's caches make some): collect those first.
+    if marks_alive():
+        gc.collect()
+        if marks_alive():
+            return
     while _installed_patchers:
         _installed_patchers.pop().uninstall()
 
@@ -377,7 +422,7 @@ def _is_marked(module: Any) -> bool:
 
 def _unmark(module: Any) -> None:
     namespace = getattr(module, "__dict__", {})
-    for attr in (MODULE_ATTR, SITE_ATTR):
+    for attr in (MODULE_ATTR, SITE_ATTR, KEEPER_ATTR):
         if attr in namespace:
             delattr(module, attr)
     _marked.discard(module)

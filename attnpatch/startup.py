@@ -46,6 +46,8 @@ BEFORE = frozenset({"diffusers", "transformers"})
 AFTER = "attnpatch.core.dispatch"
 
 UNPATCHED = "running unpatched"
+# The pid of the process whose report the run's other processes report beside (attnpatch.report.PARENT_VARIABLE).
+REPORT_PARENT = "ATTNPATCH_REPORT_PARENT"
 
 # field -> (environment variable, runner option), to name a value the way the user gave it.
 LABELS = {
@@ -192,6 +194,10 @@ def activate(settings: Settings) -> str | None:
             return None
         if problem is not None:
             return problem
+    if settings.report and not os.environ.get(REPORT_PARENT):
+        # The first process of the run to activate a report is the parent: the interpreters it starts inherit
+        # this and write their own report files beside its file (attnpatch.report) instead of overwriting it.
+        os.environ[REPORT_PARENT] = str(os.getpid())
     _pending = settings
     if settings.strict or any(name in sys.modules for name in (*BEFORE, AFTER)):
         _fire()
@@ -245,7 +251,8 @@ def _fire() -> None:
         if problem is not None:
             if _active is not None:
                 _undo()  # the runner replaced good settings from the environment by a bad name
-            say(f"{problem}; {UNPATCHED} (ATTNPATCH_STRICT=1 makes this an error)")
+            strict = "--strict" if settings.from_cli else "ATTNPATCH_STRICT=1"
+            say(f"{problem}; {UNPATCHED} ({strict} makes this an error)")
             return
         _install(settings)
     except Exception as exc:  # an import must never fail because of us

@@ -5,14 +5,18 @@ Turn it on with ``python -m attnpatch script.py --verify[=N] [--verify-action=wa
 
 Sampling: ``every=1`` (the default) checks the first call of each (module, shape); ``every=N`` (N >= 2) checks the
 1st, (N+1)th, (2N+1)th ... call of each (module, shape). A shape is query and key shape, dtype, mask kind and
-causality, and the backend that served the call (a fallback backend is checked too). Calls with dropout are not
-checked (their result is random by design).
+causality, and the backend that served the call (a fallback backend is checked too). Sequence lengths count by
+power of two (a query or key of 33 to 64 tokens is one shape), so a decoder whose KV cache grows by a token per
+step is checked a few times, not at every step. Calls with dropout are not checked (their result is random by
+design).
 
 The reference is ``_native_math`` (SDPA's math kernel) on float64 copies of query, key, value and mask, computed
 in chunks of query rows so a 4096-token call does not need gigabytes. A call passes when every element satisfies
 ``|out - ref| <= atol + rtol * |ref|`` with the serving backend's tolerance for the input dtype
 (``Backend.caps.tolerance_for``). Recorded per module: calls checked and failed, max abs error, max rel error
-(max abs error / max |ref|) and ``worst``, the largest ``|out - ref| / (atol + rtol * |ref|)`` (> 1 fails).
+(max abs error / max |ref|) and ``worst``, the largest ``|out - ref| / (atol + rtol * |ref|)`` (> 1 fails). An output
+of the wrong shape or type fails with ``worst`` = inf and a ``note`` saying what came back; verify never raises
+from a user's call for it (only the ``raise`` action does, on purpose).
 
 Actions on a failed check:
   warn      one warning per module (default); the run goes on unchanged.
@@ -66,6 +70,7 @@ class Check:
     worst: float  # max |out - ref| / (atol + rtol * |ref|); passes when <= 1
     atol: float
     rtol: float
+    note: str = ""  # why the output could not be compared (wrong shape or type); "" for a compared output
 
     @property
     def ok(self) -> bool:
@@ -241,21 +246,44 @@ def compare(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> t
     return max_abs, max_rel, worst
 
 
+def output_problem(out: Any, ref: torch.Tensor) -> str:
+    """Why ``out`` cannot be compared with ``ref`` (B, Sq, H, Dv): a wrong type or shape; "" when it can."""
+    if not isinstance(out, torch.Tensor):
+        return f"the backend returned {type(out).__name__}, not a tensor"
+    if tuple(out.shape) != tuple(ref.shape):
+        return (
+            f"the backend returned shape {tuple(out.shape)}, expected {tuple(ref.shape)} "
+            "(batch, seq_q, heads, head_dim_v)"
+        )
+    return ""
+
+
+def bucket(length: int) -> int:
+    """``length`` rounded up to a power of two: the sequence lengths one sample stands for."""
+    return 1 << max(0, length - 1).bit_length()
+
+
+def _sample_key(site: str, record: hooks.CallRecord, mask_kind: str) -> tuple[Any, ...]:
+    # (batch, seq, heads, head_dim) with the sequence lengths bucketed: a growing KV cache is not a new shape per step.
+    q, k = record.query.shape, record.key.shape
+    return (
+        site,
+        record.served,
+        (q[0], bucket(q[1]), *q[2:]),
+        (k[0], bucket(k[1]), *k[2:]),
+        record.query.dtype,
+        mask_kind,
+        record.is_causal,
+    )
+
+
 def _observe(record: hooks.CallRecord) -> torch.Tensor | None:
     settings = _settings
     if settings is None or record.dropout_p > 0.0:
         return None
     site = record.site or DIRECT
     mask_kind = masks.kind_of(record.attn_mask)
-    sample_key = (
-        site,
-        record.served,
-        tuple(record.query.shape),
-        tuple(record.key.shape),
-        record.query.dtype,
-        mask_kind,
-        record.is_causal,
-    )
+    sample_key = _sample_key(site, record, mask_kind)
     with _lock:
         seen = _seen.get(sample_key, 0)
         _seen[sample_key] = seen + 1
@@ -265,7 +293,11 @@ def _observe(record: hooks.CallRecord) -> torch.Tensor | None:
     atol, rtol = backend.caps.tolerance_for(record.query.dtype, record.scale, record.query.shape[-1])
     with torch.no_grad():
         ref = reference(record.query, record.key, record.value, record.attn_mask, record.is_causal, record.scale)
-        max_abs, max_rel, worst = compare(record.output, ref, atol, rtol)
+        note = output_problem(record.output, ref)
+        if note:
+            max_abs = max_rel = worst = float("inf")
+        else:
+            max_abs, max_rel, worst = compare(record.output, ref, atol, rtol)
     check = Check(
         site=site,
         backend=record.served,
@@ -279,6 +311,7 @@ def _observe(record: hooks.CallRecord) -> torch.Tensor | None:
         worst=worst,
         atol=atol,
         rtol=rtol,
+        note=note,
     )
     with _lock:
         _checks.append(check)
@@ -286,11 +319,17 @@ def _observe(record: hooks.CallRecord) -> torch.Tensor | None:
 
 
 def _act(action: str, check: Check, record: hooks.CallRecord, ref: torch.Tensor) -> torch.Tensor | None:
-    what = (
-        f"attnpatch verify: {check.site} on {check.backend!r} differs from the float64 reference by "
-        f"{check.max_abs:.3g} (max abs, {check.max_rel:.2%} of max |ref|; {check.worst:.3g}x the {check.dtype} "
-        f"tolerance atol={check.atol:g} rtol={check.rtol:g}) at query {'x'.join(map(str, check.query))}"
-    )
+    if check.note:
+        what = (
+            f"attnpatch verify: {check.site} on {check.backend!r} gave an output that cannot be the attention of "
+            f"query {'x'.join(map(str, check.query))}: {check.note}"
+        )
+    else:
+        what = (
+            f"attnpatch verify: {check.site} on {check.backend!r} differs from the float64 reference by "
+            f"{check.max_abs:.3g} (max abs, {check.max_rel:.2%} of max |ref|; {check.worst:.3g}x the {check.dtype} "
+            f"tolerance atol={check.atol:g} rtol={check.rtol:g}) at query {'x'.join(map(str, check.query))}"
+        )
     if action == "raise":
         _actions[check.site] = "raised"
         raise VerifyError(what + ". Choose another backend for this module, or --verify-action=warn|fallback")
@@ -300,7 +339,8 @@ def _act(action: str, check: Check, record: hooks.CallRecord, ref: torch.Tensor)
             _overrides[check.site] = "native"
             _actions[check.site] = "moved to native"
         hooks.set_site_override(check.site, "native")
-        fixed = ref.to(device=record.output.device, dtype=record.output.dtype)
+        # In the dtype and on the device of the call's value (what a right output has), not of what came back.
+        fixed = ref.to(device=record.value.device, dtype=record.value.dtype)
         if first:
             warnings.warn(
                 what + "; this call's output was replaced by the reference and the module runs on 'native' for the "

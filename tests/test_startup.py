@@ -38,6 +38,7 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setattr(api, "install", lambda backend, strict, checks: calls.append((backend, strict, checks)))
     monkeypatch.setattr(api, "uninstall", lambda: calls.append(("uninstall",)))
     monkeypatch.delenv("ATTNPATCH_BACKEND", raising=False)
+    monkeypatch.setenv(startup.REPORT_PARENT, "")  # activating a report sets it: put back what was there after
     yield calls
     sys.meta_path[:] = [f for f in sys.meta_path if not startup.is_own_finder(f)]
     for name in ("attnpatch_test_lib", "attnpatch_test_after"):

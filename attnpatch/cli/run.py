@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from attnpatch import env, startup
+from attnpatch.cli import _options
 
 PROG = "python -m attnpatch"
 
@@ -53,9 +54,9 @@ which arguments are attnpatch's:
   later one, --backend included, to the script. After the script it is passed on to the script, and nothing
   after it is taken.
   Options win over the environment variables. With no backend anywhere, calls go to native (to auto with
-  --autotune). An unknown backend name is reported in one line when diffusers or transformers is first
-  imported (torch is being imported then anyway), and the script runs unpatched; with --strict (or
-  ATTNPATCH_STRICT=1) it is an error, exit status 2, before the script starts."""
+  --autotune). An unknown backend name, a report path that cannot be written, or a --verify or --verify-action
+  value that means nothing is an error, exit status 2, before the script starts (named as you gave it: the
+  option, or the ATTNPATCH_* variable it came from)."""
 
 
 def help_text() -> str:
@@ -219,6 +220,9 @@ def main(argv: Sequence[str]) -> int:
     if settings is None:
         startup.say(f"ATTNPATCH_DISABLE is set: running {opts.target} unpatched")
     else:
+        problem = check(settings)
+        if problem is not None:
+            return _usage_error(problem)
         _export(settings)
         problem = startup.activate(settings)
         if problem is not None:
@@ -228,6 +232,25 @@ def main(argv: Sequence[str]) -> int:
     else:
         _run_path(opts.target, opts.args)
     return 0
+
+
+# Settings field -> its check (attnpatch.cli._options), run before the script starts.
+_CHECKS = (
+    ("backend", _options.backend_problem),
+    ("report", _options.report_problem),
+    ("verify", _options.verify_problem),
+    ("verify_action", _options.verify_action_problem),
+)
+
+
+def check(settings: startup.Settings) -> str | None:
+    """The first value of ``settings`` that cannot work, named as the user gave it; None when all can."""
+    for field, problem_of in _CHECKS:
+        value = getattr(settings, field)
+        problem = problem_of(value) if isinstance(value, str) else None
+        if problem is not None:
+            return f"{settings.label(field)}={value!r}: {problem}"
+    return None
 
 
 def _usage_error(message: str) -> int:

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from attnpatch.patchers import MODULE_ATTR, SITE_ATTR
 from attnpatch.patchers._base import code_names
 
 # Keyword arguments the original functions honour and no dispatcher backend can: a call that carries one
@@ -83,18 +82,6 @@ PLAIN_EAGER_PARAMS = frozenset(
         "kwargs",
     }
 )
-
-
-def selection_of(module: Any) -> str | None:
-    # The instance dict, not getattr: a missing attribute on an nn.Module goes through Module.__getattr__ and
-    # an exception (~1 us), which every unmarked layer would pay on every call.
-    namespace = getattr(module, "__dict__", None)
-    return namespace.get(MODULE_ATTR) if namespace is not None else None
-
-
-def site_of(module: Any) -> str | None:
-    namespace = getattr(module, "__dict__", None)
-    return namespace.get(SITE_ATTR) if namespace is not None else None
 
 
 def refusal(attention_mask: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:

@@ -12,12 +12,14 @@
 
 In both cases the per-module selection comes from the processor call: we wrap the ``__call__`` of each processor
 CLASS whose code calls one of the two functions (special methods are looked up on the class, so an instance
-attribute would be ignored) and, when the attention module it was called with carries a selection
-(``MODULE_ATTR``) or routing is process-wide (``state.route_all``), push that selection for the call's duration.
+attribute would be ignored) and, when the attention module it was called with carries a mark (``MODULE_ATTR``),
+routing is process-wide (``state.route_all``) or an ``attention_backend()`` block is open on this thread, push
+its selection and name (``patchers/_layers.py``) for the call's duration.
 Everything else runs the library's own code untouched. Processors are never replaced (``set_attn_processor``
 swaps done by IP-Adapter, LoRA, PAG and fused QKV would undo that); a processor swapped in after ``apply`` is
 routed as long as its class qualifies. Processors that need the probabilities (bmm + softmax) and linear
-attention call neither function, so they are left alone.
+attention call neither function, so they are left alone; their classes get a wrapper that only counts their
+calls on routed layers, with the reason and the fix (``SKIPPED``), for the report.
 
 The wrappers are plain functions with ``functools.wraps``: ``Attention.forward`` filters keyword arguments with
 ``inspect.signature(processor.__call__)``, which follows ``__wrapped__``; and torch.compile traces plain
@@ -39,8 +41,9 @@ import torch
 from attnpatch.core import dispatch
 from attnpatch.core import selection as selection_module
 from attnpatch.core.versions import distribution_version, version_tuple
-from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, sdpa, state
+from attnpatch.patchers import sdpa, state
 from attnpatch.patchers._base import Patcher, code_names
+from attnpatch.patchers._layers import chain_of, mark_of, site_of
 
 DISPATCH_MODULE = "diffusers.models.attention_dispatch"
 # Modules that define processor classes and ``set_processor``; hooked so their classes are ready as they load.
@@ -54,6 +57,9 @@ DISPATCHER = "dispatcher"
 SDPA = "sdpa"
 BOTH = "dispatcher+sdpa"
 _TARGETS = {"dispatch_attention_fn": DISPATCHER, "scaled_dot_product_attention": SDPA}
+# Passthrough reasons of layers left alone (processors we do not route) start with this: the report lists them
+# apart from other passthroughs (attnpatch.report.SKIPPED, the same string).
+SKIPPED = "layer left alone: "
 
 _original_dispatch: Callable[..., torch.Tensor] | None = None
 _replacement_dispatch: Callable[..., torch.Tensor] | None = None
@@ -164,29 +170,44 @@ def _referenced_names(function: types.FunctionType, owner: type, depth: int) -> 
 def _ensure_wrapped(cls: type) -> None:
     kind = processor_kind(cls)
     owner = _call_owner(cls)
-    if kind is None or owner is None or PATCHER.patches.patched(owner, "__call__"):
+    if owner is None or PATCHER.patches.patched(owner, "__call__"):
+        return
+    skipped = _skip_reason(owner) if kind is None else None
+    if kind is None and skipped is None:
         return
     with _lock:
         if not installed() or PATCHER.patches.patched(owner, "__call__"):
             return
         original = owner.__dict__["__call__"]
-        if getattr(original, "_attnpatch_kind", None):
+        if getattr(original, "_attnpatch_kind", None) or getattr(original, "_attnpatch_skipped", None):
             return
-        wrapper = _wrap_call(original, redirect_sdpa=kind in (SDPA, BOTH))
-        wrapper._attnpatch_kind = kind  # type: ignore[attr-defined]
+        if kind is not None:
+            wrapper = _wrap_call(original, redirect_sdpa=kind in (SDPA, BOTH))
+            wrapper._attnpatch_kind = kind  # type: ignore[attr-defined]
+        else:
+            wrapper = _wrap_skipped(original, skipped or "")
+            wrapper._attnpatch_skipped = skipped  # type: ignore[attr-defined]
         PATCHER.patches.replace(owner, "__call__", wrapper)
 
 
+_scope = selection_module.scope
+
+
 def _wrap_call(original: Callable[..., Any], redirect_sdpa: bool) -> Callable[..., Any]:
-    # The processor-call scope. An unmarked attention module outside process-wide routing costs one getattr.
+    # The processor-call scope. An unmarked attention module outside process-wide routing and outside any
+    # attention_backend() block costs one dict lookup and two attribute reads.
     @functools.wraps(original)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807 - it becomes the class's __call__
         attn = args[0] if args else kwargs.get("attn")
-        selection = getattr(attn, MODULE_ATTR, None)
-        if selection is None and not state.route_all:
+        selection = mark_of(attn)
+        if selection is None and not state.route_all and _scope.context is None:
             return original(self, *args, **kwargs)
-        chain = None if selection is None else selection_module.resolve(selection)
-        saved = selection_module.push_module(chain, getattr(attn, SITE_ATTR, None))
+        chain = chain_of(selection)
+        if chain is None and _scope.context is None:
+            # Routed without a selection of its own and outside any block: the process default, pushed so that
+            # the dispatch_attention_fn wrapper knows this call is routed.
+            chain = selection_module.default_chain()
+        saved = selection_module.push_module(chain, site_of(attn))
         depth = sdpa.enter() if redirect_sdpa else 0
         try:
             return original(self, *args, **kwargs)
@@ -194,6 +215,41 @@ def _wrap_call(original: Callable[..., Any], redirect_sdpa: bool) -> Callable[..
             if redirect_sdpa:
                 sdpa.leave(depth)
             selection_module.pop_module(saved)
+
+    return __call__
+
+
+def _skip_reason(owner: type) -> str | None:
+    """Why the layers of a processor class we do not route are left alone (None: not a processor class)."""
+    function = owner.__dict__.get("__call__")
+    if not isinstance(function, types.FunctionType):
+        return None
+    code = function.__code__
+    if code.co_argcount < 2 or code.co_varnames[1] != "attn":
+        return None  # processors are called as processor(attn, hidden_states, ...)
+    names = _referenced_names(function, owner, depth=1)
+    if "get_attention_scores" in names or ({"bmm", "baddbmm"} & names and "softmax" in names):
+        module = sys.modules.get(owner.__module__)
+        routable = f"{owner.__name__}2_0" if hasattr(module, f"{owner.__name__}2_0") else "AttnProcessor2_0"
+        return (
+            f"{SKIPPED}{owner.__name__} computes the attention probabilities itself (bmm + softmax); "
+            f"model.set_attn_processor({routable}()) makes it routable, e.g. "
+            f"pipe.unet.set_attn_processor({routable}()) (set_default_attn_processor() installs {owner.__name__})"
+        )
+    return f"{SKIPPED}{owner.__name__} calls no softmax attention function (linear or custom attention)"
+
+
+def _wrap_skipped(original: Callable[..., Any], reason: str) -> Callable[..., Any]:
+    # A processor class we cannot route: its calls on routed layers are counted with the reason, so the report
+    # names the layers that the chosen backend never reached.
+    @functools.wraps(original)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807 - it becomes the class's __call__
+        attn = args[0] if args else kwargs.get("attn")
+        if (state.route_all or _scope.context is not None or mark_of(attn) is not None) and (
+            not torch.compiler.is_compiling()
+        ):
+            dispatch.note_passthrough(site_of(attn), reason)
+        return original(self, *args, **kwargs)
 
     return __call__
 
@@ -267,7 +323,7 @@ def _wrap_dispatch(original: Callable[..., torch.Tensor]) -> Callable[..., torch
         **options: Any,
     ) -> torch.Tensor:
         """query: (batch, seq_q, heads, head_dim); key/value: (batch, seq_kv, heads_kv, head_dim)."""
-        if state.route_all or selection_module.module_selection() is not None:
+        if state.route_all or _scope.module is not None or _scope.context is not None:
             reason = _dispatch_passthrough_reason(attention_kwargs, backend, options)
             mask = attn_mask
             if reason is None and attn_mask is not None:

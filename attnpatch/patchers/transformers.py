@@ -59,6 +59,7 @@ from attnpatch.core.versions import distribution_version, version_tuple
 from attnpatch.patchers import _transformers_calls as calls
 from attnpatch.patchers import sdpa, state
 from attnpatch.patchers._base import Patcher, code_names
+from attnpatch.patchers._layers import chain_of, mark_of, site_of
 
 AttentionFn = Callable[..., tuple[torch.Tensor, Any]]
 
@@ -144,10 +145,13 @@ def _route(
         bool(causal),
         scaling,
         key.shape[1] != query.shape[1],
-        module_chain=selection_module.resolve(selection) if selection is not None else None,
+        module_chain=chain_of(selection),
         site=site,
     )
     return out.contiguous(), None
+
+
+_scope = selection_module.scope
 
 
 def _sdpa_router(original: AttentionFn) -> AttentionFn:
@@ -178,10 +182,10 @@ def _attention_router(original: AttentionFn, eager: bool) -> AttentionFn:
         *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
-        selection = calls.selection_of(module)
-        if selection is None and not state.route_all:
+        selection = mark_of(module)
+        if selection is None and not state.route_all and _scope.context is None:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
-        site = calls.site_of(module)
+        site = site_of(module)
         reason = calls.refusal(attention_mask, args, kwargs)
         position_bias = kwargs.get("position_bias") if takes_bias else None
         if reason is None and eager and calls.weights_requested(module, kwargs):
@@ -203,8 +207,8 @@ def _passthrough_router(original: AttentionFn, reason: str) -> AttentionFn:
     # report can say why a layer did not reach the chosen backend.
     @functools.wraps(original)
     def attnpatch_passthrough_attention(module: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        if calls.selection_of(module) is not None or state.route_all:
-            dispatch.note_passthrough(calls.site_of(module), reason)
+        if mark_of(module) is not None or state.route_all or _scope.context is not None:
+            dispatch.note_passthrough(site_of(module), reason)
         return original(module, *args, **kwargs)
 
     setattr(attnpatch_passthrough_attention, _ROUTER_ATTR, original)
@@ -356,11 +360,10 @@ def _sdpa_scope(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def attnpatch_sdpa_scope(self: Any, *args: Any, **kwargs: Any) -> Any:
-        selection = calls.selection_of(self)
-        if selection is None and not state.route_all:
+        selection = mark_of(self)
+        if selection is None and not state.route_all and _scope.context is None:
             return method(self, *args, **kwargs)
-        chain = selection_module.resolve(selection) if selection is not None else None
-        saved = selection_module.push_module(chain, calls.site_of(self))
+        saved = selection_module.push_module(chain_of(selection), site_of(self))
         depth = sdpa.enter()
         try:
             return method(self, *args, **kwargs)

@@ -2,46 +2,22 @@
 
 Turn it on with ``python -m attnpatch script.py --report[=PATH]``, ``ATTNPATCH_REPORT=1|PATH`` or
 ``attnpatch.report.enable(PATH)``. At exit a table goes to stderr; a PATH ending in ``.json`` also gets the JSON
-below, any other PATH gets the table. When the report is off no observer is registered and the dispatcher keeps
-its fast path: the report costs nothing. While it is on every routed call passes one observer (about a
-microsecond); calls traced by ``torch.compile`` are not observed (the dispatcher skips observers while compiling).
+(schema ``attnpatch.report/1``, documented key by key in docs/report.md, with a worked example), any other PATH
+gets the table. When the report is off no observer is registered and the dispatcher keeps its fast path: the
+report costs nothing. While it is on every routed call passes one observer (about a microsecond); calls traced
+by ``torch.compile`` are not observed (the dispatcher skips observers while compiling).
 
-A *site* is the attention layer's module path, e.g. ``transformer.transformer_blocks.0.attn`` (set by the
-patchers); calls of :func:`attnpatch.dispatch_attention` outside a patched model are the site ``<direct>``.
-The table groups sites whose paths differ only in layer numbers (``transformer_blocks.*.attn``); the JSON keeps
-every site.
+A *site* is the attention layer's module path, e.g. ``transformer.transformer_blocks.0.attn`` (set by apply, or
+by the patchers at a layer's first call); calls of :func:`attnpatch.dispatch_attention` outside a patched model
+are the site ``<direct>``. The table groups sites whose paths differ only in layer numbers
+(``transformer_blocks.*.attn``); the JSON keeps every site. Layers a patcher leaves alone (a diffusers processor
+that computes the probabilities itself) are listed apart, with the fix.
 
-JSON schema ``attnpatch.report/1`` (every key always present; ``null`` where not measured)::
-
-    {
-      "schema": "attnpatch.report/1",
-      "attnpatch": "0.1.0", "torch": "2.13.0",
-      "started": "2026-01-01T12:00:00+00:00",   # ISO 8601, when the report was enabled
-      "wall_seconds": 12.3,                      # from enable() to the snapshot
-      "timed": false,                            # true when per-call time was measured (enable(timing=True))
-      "totals": {"calls": 1234,                  # routed calls observed
-                 "fallback_calls": 0,            # calls that a backend of the chain refused
-                 "passthrough_calls": 4,         # calls handed to the library's own code untouched
-                 "attention_seconds": null},     # sum of timed calls
-      "sites": [{
-        "site": "transformer.transformer_blocks.0.attn",
-        "calls": 28,
-        "fallback_calls": 28,                    # calls some backend of the chain refused (see "fallbacks")
-        "requested": {"sage,native": 28},        # selection (chain spec) -> calls
-        "served": {"native": 28},                # backend that ran -> calls
-        "fallbacks": [{"backend": "sage", "reason": "needs a CUDA GPU ...", "served_by": "native", "calls": 28}],
-        "shapes": [{"query": [2, 4096, 24, 128], "key": [2, 4096, 24, 128], "mask": "none", "causal": false,
-                    "calls": 28}],               # query/key in (batch, seq, heads, head_dim); mask kind after
-                                                 # normalisation: none, key_padding, bool, additive
-        "dtypes": {"bfloat16": 28},
-        "passthrough": [{"reason": "return_lse requested", "calls": 2}],
-        "seconds": null, "time_share": null,     # time in attention; share of all timed attention time
-        "verify": null                           # with verify on: {"checked", "failed", "max_abs", "max_rel",
-                                                 #   "worst", "atol", "rtol", "action"} (see attnpatch.verify)
-      }, ...]                                    # in the order the sites were first seen
-    }
-
-See docs/report.md for a worked example.
+Processes: the interpreters a run starts (multiprocessing spawn, subprocess, torchrun ranks) inherit
+ATTNPATCH_REPORT. The process that activated the report first is the run's parent (it sets
+``ATTNPATCH_REPORT_PARENT`` to its pid for its children); every other process writes its own file beside the
+parent's, ``run.<pid>.json`` beside ``run.json``, never the parent's. The parent's table and JSON (``children``)
+say which processes reported and their totals.
 """
 
 from __future__ import annotations
@@ -65,9 +41,30 @@ import torch
 from attnpatch.core import dispatch, hooks, masks
 from attnpatch.core.call import dtype_name
 from attnpatch.errors import AttnpatchError
+from attnpatch.report._table import SKIPPED, align, format_table, group_name, to_json
+
+__all__ = [
+    "DIRECT",
+    "PARENT_VARIABLE",
+    "SCHEMA",
+    "SKIPPED",
+    "align",
+    "check_path",
+    "disable",
+    "enable",
+    "enabled",
+    "format_table",
+    "group_name",
+    "set_verify_source",
+    "snapshot",
+    "to_json",
+    "write",
+]
 
 SCHEMA = "attnpatch.report/1"
 DIRECT = hooks.DIRECT
+# The run's parent process (its pid), set by attnpatch.startup when it activates a report; inherited by children.
+PARENT_VARIABLE = "ATTNPATCH_REPORT_PARENT"
 
 # A path value that only means "on" (ATTNPATCH_REPORT=1): print the table, write no file.
 _ON_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -95,6 +92,15 @@ class _State:
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self.started_clock = time.perf_counter()
         self.passthrough_base = dispatch.passthrough_counts()
+        parent = os.environ.get(PARENT_VARIABLE, "")
+        # A child of the run's parent (or a fork of any reporting process): writes its own file.
+        self.parent = int(parent) if parent.isdigit() and int(parent) != os.getpid() else None
+
+    def target(self) -> Path | None:
+        """The file this process writes: the path given, or run.<pid>.json beside it in a child process."""
+        if self.path is None or self.parent is None:
+            return self.path
+        return self.path.with_name(f"{self.path.stem}.{os.getpid()}{self.path.suffix}")
 
 
 _state: _State | None = None
@@ -120,7 +126,25 @@ def enable(path: str | os.PathLike[str] | None = None, *, timing: bool = False, 
     hooks.add_observer(_observe)
     if not _atexit_registered:
         atexit.register(_at_exit)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
         _atexit_registered = True
+
+
+_forking_pid: int | None = None
+
+
+def _before_fork() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child starts its own report (the parent's calls are the parent's to report) and is a child.
+    global _state
+    if _state is not None:
+        _state = _State(_state.path, _state.timing, _state.stream)
+        _state.parent = _forking_pid
 
 
 def disable() -> None:
@@ -261,14 +285,50 @@ def snapshot() -> dict[str, Any]:
         "started": state.started.isoformat(timespec="seconds"),
         "wall_seconds": round(time.perf_counter() - state.started_clock, 6),
         "timed": state.timing,
+        "pid": os.getpid(),
+        "parent_pid": state.parent,
         "totals": {
             "calls": sum(s["calls"] for s in sites),
             "fallback_calls": sum(s["fallback_calls"] for s in sites),
             "passthrough_calls": sum(sum(c.values()) for c in passthrough.values()),
             "attention_seconds": total_seconds,
         },
+        "children": _children(state),
         "sites": sites,
     }
+
+
+_TOTALS = ("calls", "fallback_calls", "passthrough_calls")
+_HEADER = re.compile(
+    r"attnpatch report \(pid (\d+), child of pid (\d+)\): (\d+) attention calls routed, (\d+) fell back, "
+    r"(\d+) passed through"
+)
+
+
+def _children(state: _State) -> list[dict[str, Any]]:
+    """The reports that child processes of this one wrote beside its file during this run (for the parent)."""
+    if state.path is None or state.parent is not None or not state.path.parent.is_dir():
+        return []
+    name = re.compile(rf"{re.escape(state.path.stem)}\.(\d+){re.escape(state.path.suffix)}")
+    found = []
+    for file in sorted(state.path.parent.iterdir(), key=lambda f: f.name):
+        try:
+            if not name.fullmatch(file.name):
+                continue
+            text = file.read_text(encoding="utf-8")
+            if file.suffix.lower() == ".json":
+                data = json.loads(text)
+                pid, parent, totals = data["pid"], data["parent_pid"], [data["totals"][k] for k in _TOTALS]
+            else:
+                match = _HEADER.search(text)
+                if match is None:
+                    continue
+                pid, parent, *totals = (int(g) for g in match.groups())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a report of ours, or one being written: not counted
+        if parent == os.getpid():
+            found.append({"pid": pid, "file": file.name, **dict(zip(_TOTALS, totals, strict=True))})
+    return found
 
 
 _verify_source: Callable[[], list[dict[str, Any]]] | None = None
@@ -292,148 +352,13 @@ def _version() -> str:
     return __version__
 
 
-_NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")
-
-
-def group_name(site: str) -> str:
-    """``transformer.transformer_blocks.7.attn`` -> ``transformer.transformer_blocks.*.attn``."""
-    return _NUMBER.sub("*", site)
-
-
-def format_table(data: dict[str, Any]) -> str:
-    """The text report: one row per group of sites, then every fallback and passthrough reason."""
-    groups: dict[str, dict[str, Any]] = {}
-    for site in data["sites"]:
-        name = group_name(site["site"])
-        group = groups.setdefault(
-            name,
-            {
-                "modules": 0,
-                "calls": 0,
-                "requested": Counter(),
-                "served": Counter(),
-                "fallback": 0,
-                "passthrough": 0,
-                "shapes": set(),
-                "dtypes": Counter(),
-                "seconds": None,
-                "verify": None,
-            },
-        )
-        group["modules"] += 1
-        group["calls"] += site["calls"]
-        group["requested"].update(site["requested"])
-        group["served"].update(site["served"])
-        group["fallback"] += site["fallback_calls"]
-        group["passthrough"] += sum(p["calls"] for p in site["passthrough"])
-        group["shapes"].update((tuple(s["query"]), tuple(s["key"])) for s in site["shapes"])
-        group["dtypes"].update(site["dtypes"])
-        if site["seconds"] is not None:
-            group["seconds"] = (group["seconds"] or 0.0) + site["seconds"]
-        if site["verify"] is not None:
-            group["verify"] = _merge_verify(group["verify"], site["verify"])
-    total = data["totals"]["attention_seconds"]
-    headers = ["module", "n", "asked", "served", "calls", "fallback", "passthru", "shapes", "dtypes"]
-    if data["timed"]:
-        headers.append("time")
-    if any(g["verify"] for g in groups.values()):
-        headers.append("verify")
-    rows = []
-    for name, g in groups.items():
-        row = [
-            name,
-            str(g["modules"]),
-            _counts(g["requested"]),
-            _counts(g["served"]),
-            str(g["calls"]),
-            str(g["fallback"]),
-            str(g["passthrough"]),
-            str(len(g["shapes"])),
-            _counts(g["dtypes"]),
-        ]
-        if data["timed"]:
-            timed = total and g["calls"] and g["seconds"] is not None
-            row.append(f"{100 * g['seconds'] / total:.1f}%" if timed else "-")
-        if "verify" in headers:
-            row.append(_verify_cell(g["verify"]))
-        rows.append(row)
-    totals = data["totals"]
-    lines = [
-        f"attnpatch report: {totals['calls']} attention calls routed, {totals['fallback_calls']} fell back, "
-        f"{totals['passthrough_calls']} passed through ({data['wall_seconds']:.1f} s)"
-    ]
-    if not rows:
-        lines.append("  no attention call reached attnpatch (is the model patched? see `python -m attnpatch --help`)")
-    else:
-        lines.extend(align([headers, *rows]))
-    reasons = Counter[tuple[str, str, str]]()
-    for site in data["sites"]:
-        for f in site["fallbacks"]:
-            reasons[(f["backend"], f["reason"], f["served_by"])] += f["calls"]
-    if reasons:
-        lines.append("fallbacks:")
-        lines.extend(f"  {b} -> {s}: {r} ({n} calls)" for (b, r, s), n in reasons.items())
-    passthrough = Counter[str]()
-    for site in data["sites"]:
-        for p in site["passthrough"]:
-            passthrough[p["reason"]] += p["calls"]
-    if passthrough:
-        lines.append("passed through to the library's own attention:")
-        lines.extend(f"  {r} ({n} calls)" for r, n in passthrough.items())
-    return "\n".join(lines)
-
-
-def _merge_verify(into: dict[str, Any] | None, row: dict[str, Any]) -> dict[str, Any]:
-    if into is None:
-        return dict(row)
-    merged = dict(into)
-    merged["checked"] += row["checked"]
-    merged["failed"] += row["failed"]
-    for key in ("max_abs", "max_rel", "worst"):
-        merged[key] = max(merged[key], row[key])
-    merged["action"] = merged.get("action") or row.get("action")
-    return merged
-
-
-def _verify_cell(row: dict[str, Any] | None) -> str:
-    if row is None or not row["checked"]:
-        return "-"
-    status = "FAIL" if row["failed"] else "ok"
-    moved = " -> native" if row.get("action") == "moved to native" else ""
-    return f"{status} {row['max_abs']:.1e} ({row['worst']:.2g}x tol){moved}"
-
-
-def _counts(counter: Counter[str]) -> str:
-    if not counter:
-        return "-"
-    if len(counter) == 1:
-        return next(iter(counter))
-    return " ".join(f"{k}:{n}" for k, n in counter.most_common())
-
-
-def align(table: list[list[str]], indent: str = "  ") -> list[str]:
-    """Rows of cells -> lines with the columns aligned (the text tables of report, verify, bench and demo)."""
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return [indent + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in table]
-
-
-_INT_LIST = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")
-
-
-def to_json(data: dict[str, Any]) -> str:
-    """Indented JSON with shape lists on one line ([2, 4096, 24, 128])."""
-    return _INT_LIST.sub(
-        lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]", json.dumps(data, indent=2)
-    )
-
-
 def write(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Print the table (and write the file given at enable() or here); returns the snapshot."""
     data = snapshot()
     text = format_table(data)
     state = _state
     assert state is not None
-    target = Path(path) if path is not None else state.path
+    target = Path(path) if path is not None else state.target()
     if target is not None:
         if target.suffix.lower() == ".json":
             target.write_text(to_json(data) + "\n", encoding="utf-8")

@@ -209,12 +209,80 @@ def test_strict_backend_that_cannot_run_here_fails_at_the_first_attention_call()
     assert "out = model(*inputs)" in result.stderr  # raised from the script's attention call
 
 
-def test_unknown_backend_is_one_line_and_an_unpatched_run() -> None:
-    result = python("-m", "attnpatch", "--backend", "falsh", PROBE)
-    assert (result.returncode, result.stdout) == (0, unpatched_probe())
-    [line] = attnpatch_lines(result.stderr)
-    assert "--backend='falsh'" in line and "did you mean 'flash'" in line and "valid names:" in line
-    assert line.endswith("running unpatched (ATTNPATCH_STRICT=1 makes this an error)")
+@pytest.mark.parametrize(
+    ("args", "variables", "message"),
+    [
+        (["--backend", "falsh"], {}, "--backend='falsh': unknown attention backend 'falsh': did you mean 'flash'"),
+        (["--backend=sage,flsh"], {}, "--backend='sage,flsh': unknown attention backend 'flsh'"),
+        ([], {"ATTNPATCH_BACKEND": "falsh"}, "ATTNPATCH_BACKEND='falsh': unknown attention backend 'falsh'"),
+        (["--report=/no/such/folder/r.json"], {}, "--report='/no/such/folder/r.json': cannot write the report"),
+        (["--verify=often"], {}, "--verify='often': verify interval 'often' is not a positive integer"),
+        (["--verify-action", "ignore"], {}, "--verify-action='ignore': verify action 'ignore' is not one of warn"),
+        (["--strict", "--backend", "falsh"], {}, "--backend='falsh': unknown attention backend"),
+    ],
+    ids=["backend", "chain", "variable", "report", "verify", "verify-action", "strict"],
+)
+def test_option_errors_exit_2_before_the_script_starts(args: list[str], variables: dict, message: str) -> None:
+    result = python("-m", "attnpatch", *args, SHOW, env=variables)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert f"python -m attnpatch: error: {message}" in result.stderr
+    assert "ATTNPATCH_" not in result.stderr or variables, "an option is named as the user gave it"
+
+
+def test_option_checks_import_nothing_heavy() -> None:
+    code = (
+        "import sys; from attnpatch.cli import run; "
+        f"print(run.main(['--backend', 'flsh', {SHOW!r}]), sorted(m for m in sys.modules if m.startswith('torch'))[:1])"
+    )
+    result = python("-c", code)
+    assert result.stdout.strip() == "2 []", result.stderr
+
+
+def test_static_backend_names_are_the_registrys() -> None:
+    from attnpatch.cli import _options
+    from attnpatch.core import registry
+
+    registered = {b.name for b in registry.list_backends() if b.builtin}
+    assert set(_options.BACKEND_NAMES) == registered, "update BACKEND_NAMES in attnpatch/cli/_options.py"
+    assert set(_options.BACKEND_ALIASES) == set(registry.aliases()), "update BACKEND_ALIASES in _options.py"
+    for name in [*registered, *registry.aliases(), "auto", "Flash-Attn", "sage,flash,native"]:
+        assert _options.backend_problem(name) is None, name
+
+
+@pytest.mark.parametrize("value", ["1", "10", "0", "-2", "often", "1.5", "true"])
+def test_verify_checks_agree_with_verify(value: str) -> None:
+    from attnpatch import verify
+    from attnpatch.cli import _options
+    from attnpatch.errors import AttnpatchError
+
+    try:
+        verify.parse_every(value)
+        valid = True
+    except AttnpatchError:
+        valid = False
+    assert (_options.verify_problem(value) is None) == valid
+    for action in ("warn", "fallback", "raise", "FALLBACK", "ignore", ""):
+        try:
+            verify.parse_action(action)
+            valid = True
+        except AttnpatchError:
+            valid = False
+        assert (_options.verify_action_problem(action) is None) == valid or action == "", action
+
+
+def test_report_path_checks_agree_with_the_report(tmp_path) -> None:
+    from attnpatch import report
+    from attnpatch.cli import _options
+    from attnpatch.errors import AttnpatchError
+
+    for value in ["1", str(tmp_path / "r.json"), str(tmp_path), str(tmp_path / "no" / "r.json")]:
+        try:
+            report.check_path(value)
+            valid = True
+        except AttnpatchError:
+            valid = False
+        assert (_options.report_problem(value) is None) == valid, value
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_backend_under_strict_exits_2_before_the_script() -> None:
@@ -253,3 +321,59 @@ def test_without_an_install_sitecustomize_patches_children(tmp_path) -> None:
 
 def test_sitecustomize_dir_is_the_checkouts() -> None:
     assert runner.sitecustomize_dir() == os.path.join(str(ROOT), "sitecustomize")
+
+
+# --- the runner's report is apply()'s report ------------------------------------------------------------------
+
+needs_models = pytest.mark.skipif(
+    bool(__import__("attnpatch.testing.tiny", fromlist=["missing"]).missing()),
+    reason="needs diffusers and transformers",
+)
+TINY_SD = str(SCRIPTS / "tiny_sd.py")
+
+
+def _rows(data: dict) -> list[str]:
+    from attnpatch import report
+
+    return report.format_table(data).splitlines()[1:]  # the first line has the wall time
+
+
+@needs_models
+def test_the_runners_report_shows_the_rows_apply_shows(tmp_path) -> None:
+    import json
+    import sys
+
+    from attnpatch import api, report
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import tiny_sd
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    pipe = tiny_sd.build()
+    report.enable()
+    try:
+        tiny_sd.run(api.apply(pipe))
+        applied = report.snapshot()
+    finally:
+        report.disable()
+        api.unapply(pipe)
+    path = tmp_path / "run.json"
+    result = python("-m", "attnpatch", "--backend", "native", f"--report={path}", TINY_SD)
+    assert result.returncode == 0, result.stderr
+    ran = json.loads(path.read_text())
+    assert [s["site"] for s in ran["sites"]] == [s["site"] for s in applied["sites"]]
+    assert "<direct>" not in {s["site"] for s in ran["sites"]}
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1" in {s["site"] for s in ran["sites"]}
+    assert _rows(ran) == _rows(applied)
+
+
+@needs_models
+def test_the_runners_report_lists_the_layers_it_leaves_alone(tmp_path) -> None:
+    result = python("-m", "attnpatch", "--backend", "native", "--report", TINY_SD, "bmm")
+    assert result.returncode == 0, result.stderr
+    table = result.stderr[result.stderr.index("attnpatch report:") :]
+    assert "attention layers left alone (not routed):" in table
+    assert "AttnProcessor computes the attention probabilities itself (bmm + softmax)" in table
+    assert "pipe.unet.set_attn_processor(AttnProcessor2_0())" in table
+    assert "unet.down_blocks.*.attentions.*.transformer_blocks.*.attn1" in table  # listed as a row too

@@ -54,8 +54,8 @@ def _clean_state() -> Iterator[None]:
     yield
     for module in list(api._marked):
         api._unmark(module)
-    api.uninstall()
     gc.collect()
+    api.uninstall()
     dispatch.reset_fallbacks()
     assert api.installed_patchers() == []
 
@@ -75,6 +75,7 @@ def assert_no_wrappers() -> None:
         for value in list(namespace.values()):
             if isinstance(value, type):
                 assert not hasattr(value.__dict__.get("__call__"), "_attnpatch_kind"), value
+                assert not hasattr(value.__dict__.get("__call__"), "_attnpatch_skipped"), value
                 assert not hasattr(value.__dict__.get("set_processor"), "_attnpatch_setter"), value
 
 
@@ -129,6 +130,36 @@ def test_linear_and_probability_processors_are_left_alone() -> None:
     unet.set_attn_processor(AttnProcessor())  # bmm + softmax: the probabilities are computed in the processor
     assert patcher.attention_modules(unet) == []
     assert {cls for _, cls in patcher.skipped_modules(unet)} == {"AttnProcessor"}
+
+
+def test_layers_left_alone_are_counted_with_their_reason_while_routed() -> None:
+    from diffusers.models.attention_processor import AttnProcessor
+
+    fam = family("unet")
+    unet = dm.build(fam)
+    unet.set_attn_processor(AttnProcessor())
+    expected = dm.run(fam, unet)
+    api.install("native")
+    assert AttnProcessor.__dict__["__call__"]._attnpatch_skipped.startswith(patcher.SKIPPED)
+    with observed() as records:
+        out = dm.run(fam, unet)
+    assert records == [] and torch.equal(out, expected), "left alone: the library's own code, unchanged"
+    counts = dispatch.passthrough_counts()
+    assert {site for site, _ in counts} == {name for name, _ in patcher.skipped_modules(unet)}
+    [reason] = {reason for _, reason in counts}
+    assert "AttnProcessor computes the attention probabilities itself" in reason and "AttnProcessor2_0()" in reason
+    api.uninstall()
+    assert_no_wrappers()
+    dispatch.reset_fallbacks()
+    dm.run(fam, unet)
+    assert dispatch.passthrough_counts() == {}, "not counted once nothing is routed"
+
+    sana = dm.build(family("sana"))
+    api.install("native")
+    dm.run(dm.FAMILIES["sana"], sana)
+    linear = {reason for _, reason in dispatch.passthrough_counts()}
+    assert linear == {f"{patcher.SKIPPED}SanaLinearAttnProcessor2_0 calls no softmax attention function (linear or "
+                      "custom attention)"}  # fmt: skip
 
 
 # --- pipelines ----------------------------------------------------------------------------------------------

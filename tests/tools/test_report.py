@@ -4,6 +4,7 @@ the JSON schema, the exit-time table, zero cost when off, and a bad path failing
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -154,7 +155,20 @@ def test_json_schema(tmp_path: Path) -> None:
     report.write()
     data = json.loads(path.read_text())
     assert data["schema"] == "attnpatch.report/1"
-    assert set(data) == {"schema", "attnpatch", "torch", "started", "wall_seconds", "timed", "totals", "sites"}
+    assert set(data) == {
+        "schema",
+        "attnpatch",
+        "torch",
+        "started",
+        "wall_seconds",
+        "timed",
+        "pid",
+        "parent_pid",
+        "totals",
+        "children",
+        "sites",
+    }
+    assert (data["pid"], data["parent_pid"], data["children"]) == (os.getpid(), None, [])
     assert set(data["totals"]) == {"calls", "fallback_calls", "passthrough_calls", "attention_seconds"}
     [site] = data["sites"]
     assert set(site) == {
@@ -173,7 +187,7 @@ def test_json_schema(tmp_path: Path) -> None:
     }
     # the schema is documented where users look for it
     doc = (REPO / "docs" / "report.md").read_text()
-    for key in site:
+    for key in [*site, *data]:
         assert f'"{key}"' in doc
 
 
@@ -259,3 +273,65 @@ def test_counts_match_the_models_real_attention_calls(model: str) -> None:
     for prefix in components.get(model, ("model.layers.",)):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
     assert all(s["served"] == {"native": s["calls"]} for s in data["sites"])
+
+
+# --- issue 11: a report shared by processes, layers left alone ------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".json", ".txt"])
+def test_child_processes_report_beside_the_parent_and_the_parent_counts_them(tmp_path: Path, suffix: str) -> None:
+    from scripts.processes import SCRIPTS, python
+
+    path = tmp_path / f"run{suffix}"
+    result = python("-m", "attnpatch", "--backend", "native", f"--report={path}", str(SCRIPTS / "report_children.py"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("routed=1 served=native") == 3
+    children = sorted(tmp_path.glob(f"run.*{suffix}"))
+    assert len(children) == 2, "each child writes its own file, never the parent's"
+    if suffix == ".json":
+        parent = json.loads(path.read_text())
+        assert parent["parent_pid"] is None and parent["totals"]["calls"] == 1
+        assert sorted(c["file"] for c in parent["children"]) == [c.name for c in children]
+        assert all(c["calls"] == 1 for c in parent["children"])
+        for child in children:
+            data = json.loads(child.read_text())
+            assert data["parent_pid"] == parent["pid"] and child.name == f"run.{data['pid']}.json"
+            assert data["totals"]["calls"] == 1 and data["children"] == []
+    else:
+        assert path.read_text().startswith("attnpatch report: 1 attention calls routed")
+        assert all("child of pid " in c.read_text().splitlines()[0] for c in children)
+    # the parent's table, printed last, says how many processes reported and their totals
+    last = result.stderr[result.stderr.rindex("attnpatch report:") :]
+    assert "3 processes reported: 3 attention calls routed, 0 fell back, 0 passed through in all" in last
+
+
+@needs_models
+def test_layers_left_alone_are_listed_with_the_right_fix() -> None:
+    import diffusers_models as dm
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from attnpatch import api
+
+    fam = dm.FAMILIES["unet"]
+    unet = dm.build(fam)
+    unet.set_attn_processor(AttnProcessor())  # what set_default_attn_processor() installs in diffusers 0.42
+    report.enable()
+    api.install("native")
+    try:
+        dm.run(fam, unet)
+        data = report.snapshot()
+    finally:
+        api.uninstall()
+    sites = {s["site"]: s for s in data["sites"]}
+    assert len(sites) == 8 and data["totals"]["calls"] == 0
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1" in sites
+    [reason] = {p["reason"] for s in sites.values() for p in s["passthrough"]}
+    assert "AttnProcessor computes the attention probabilities itself (bmm + softmax)" in reason
+    assert "pipe.unet.set_attn_processor(AttnProcessor2_0())" in reason
+    from attnpatch.patchers import diffusers as patcher
+
+    assert report.SKIPPED == patcher.SKIPPED, "the report knows the patcher's reasons for layers left alone"
+    table = report.format_table(data)
+    assert "attention layers left alone (not routed):" in table
+    assert "(8 layers, 8 calls)" in table
+    assert "passed through to the library's own attention" not in table

@@ -205,3 +205,82 @@ def test_bad_action() -> None:
     with pytest.raises(AttnpatchError, match="warn, fallback, raise"):
         verify.enable(1, "ignore")
     assert verify.parse_every("10") == 10 and verify.parse_every("1") == 1 and verify.parse_action(None) == "warn"
+
+
+# --- issue 11: verify under install(), wrong outputs, growing caches --------------------------------------------
+
+
+def lossy_cross(query: torch.Tensor, key: torch.Tensor, *rest: Any) -> torch.Tensor:
+    """Lossy on cross-attention only (seq_q != seq_kv): some layers of a model fail, the others pass."""
+    if query.shape[1] != key.shape[1]:
+        query, key = quantize(query), quantize(key)
+    return registry.get_backend("native").fn(query, key, *rest)
+
+
+def test_fallback_under_install_moves_only_the_failing_layers() -> None:
+    pytest.importorskip("diffusers")
+    import diffusers_models as dm
+
+    from attnpatch import api
+
+    registry.register_backend("test_lossy_cross", lossy_cross, lossy=True, replace=True)
+    fam = dm.FAMILIES["unet"]
+    unet = dm.build(fam)
+    expected = dm.run(fam, unet)
+    try:
+        api.install("test_lossy_cross")  # the runner's way: no layer is marked
+        verify.enable(1, "fallback")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rescued = dm.run(fam, unet)
+        moved = verify.overridden()
+        rows = {r["site"]: r for r in verify.site_summary()}
+    finally:
+        verify.disable()
+        api.uninstall()
+        registry.unregister_backend("test_lossy_cross")
+    assert "<direct>" not in rows
+    assert moved == {site: "native" for site in rows if site.endswith(".attn2")}, "cross-attention layers only"
+    assert all(rows[site]["failed"] == 0 for site in rows if site.endswith(".attn1"))
+    assert len(rows) == 8 and len(moved) == 4
+    torch.testing.assert_close(rescued, expected, atol=1e-4, rtol=1e-4)
+
+
+def wrong_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *rest: Any) -> torch.Tensor:
+    return registry.get_backend("native").fn(query, key, value, *rest)[..., :-1]  # drops a channel of head_dim
+
+
+@pytest.mark.parametrize("action", ["warn", "fallback"])
+def test_a_wrong_shaped_output_is_a_failed_check_not_a_crash(action: str) -> None:
+    registry.register_backend("test_wrong_shape", wrong_shape, replace=True)
+    try:
+        verify.enable(1, action)
+        q = qkv()
+        with pytest.warns(
+            attnpatch.AttnpatchWarning, match=r"returned shape \(2, 16, 4, 15\), expected \(2, 16, 4, 16\)"
+        ):
+            out = call("unet.attn1", "test_wrong_shape", q)
+        [check] = verify.results()
+        assert not check.ok and check.worst == float("inf") and "returned shape" in check.note
+        if action == "fallback":
+            assert out.shape == q.shape  # the reference stands in for the broken output
+            assert torch.allclose(out, attnpatch.dispatch_attention(q, q, q, backend="native"), atol=1e-5)
+        else:
+            assert out.shape == (2, 16, 4, 15)  # warn changes nothing, as documented
+    finally:
+        verify.disable()
+        registry.unregister_backend("test_wrong_shape")
+
+
+def test_a_growing_kv_cache_is_checked_per_power_of_two_not_per_step() -> None:
+    verify.enable(1)
+    query = qkv(seq=1)
+    for length in range(1, 65):  # decode: one query token, a KV cache one token longer each step
+        kv = qkv(seed=length, seq=length)
+        saved = selection.push_module(selection.resolve("native"), "model.layers.0.self_attn")
+        try:
+            attnpatch.dispatch_attention(query, kv, kv)
+        finally:
+            selection.pop_module(saved)
+    assert [c.key[1] for c in verify.results()] == [1, 2, 3, 5, 9, 17, 33]
+    assert verify.bucket(33) == verify.bucket(64) == 64 and verify.bucket(1) == 1
