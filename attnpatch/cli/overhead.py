@@ -39,9 +39,10 @@ class Path:
     target: float = TARGET_US
 
 
-def paths(batch: int, seq: int, heads: int, head_dim: int) -> list[Path]:
+def paths(batch: int, seq: int, heads: int, head_dim: int, cleanup: list[Callable[[], Any]]) -> list[Path]:
+    """The paths to measure; what must be undone afterwards (a registered backend, an open block) goes to cleanup."""
     import attnpatch
-    from attnpatch.core import registry
+    from attnpatch.core import registry, selection
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(batch, seq, heads, head_dim) for _ in range(3))
@@ -64,10 +65,11 @@ def paths(batch: int, seq: int, heads: int, head_dim: int) -> list[Path]:
 
     if REFUSES not in {b.name for b in registry.list_backends()}:
         registry.register_backend(REFUSES, lambda *args: args[0], devices={"nowhere"})
+        cleanup.append(lambda: registry.unregister_backend(REFUSES))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the chain's one fallback warning
         dispatch(q, k, v, backend=f"{REFUSES},native")
-    context = attnpatch.attention_backend("native")
+    context = selection.attention_backend("native")  # the dispatcher's block itself (no patcher install)
 
     def in_context() -> Any:
         return dispatch(q, k, v)
@@ -79,19 +81,20 @@ def paths(batch: int, seq: int, heads: int, head_dim: int) -> list[Path]:
         Path("additive mask", sdpa(additive), lambda: dispatch(q, k, v, attn_mask=additive)),
         Path("auto (after its first call)", sdpa(), lambda: dispatch(q, k, v, backend="auto")),
         Path("fallback chain (after its warning)", sdpa(), lambda: dispatch(q, k, v, backend=f"{REFUSES},native")),
-        Path("context selection", sdpa(), _entered(context, in_context)),
+        Path("context selection", sdpa(), _entered(context, in_context, cleanup)),
     ]
-    found += _model_paths(batch, seq)
+    found += _model_paths(batch, seq, cleanup)
     return found
 
 
-def _entered(context: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
+def _entered(context: Any, fn: Callable[[], Any], cleanup: list[Callable[[], Any]]) -> Callable[[], Any]:
     # The block is open for the whole measurement, as around a pipeline call; each call only reads it.
     context.__enter__()
+    cleanup.append(lambda: context.__exit__(None, None, None))
     return fn
 
 
-def _model_paths(batch: int, seq: int) -> list[Path]:
+def _model_paths(batch: int, seq: int, cleanup: list[Callable[[], Any]]) -> list[Path]:
     """A patched diffusers processor and a patched transformers layer against the same layer unpatched."""
     found = []
     try:
@@ -105,6 +108,7 @@ def _model_paths(batch: int, seq: int) -> list[Path]:
         processor: Any = AttnProcessor2_0()  # diffusers annotates set_processor with its base AttnProcessor class
         layer.set_processor(processor)
         patched = attnpatch.apply(copy.deepcopy(layer), backend="native")
+        cleanup.append(lambda: attnpatch.unapply(patched))
         hidden = torch.randn(batch, seq, 64)
         found.append(Path("per-module: diffusers AttnProcessor2_0", lambda: layer(hidden), lambda: patched(hidden)))
     except Exception:  # diffusers is optional here
@@ -121,6 +125,7 @@ def _model_paths(batch: int, seq: int) -> list[Path]:
         config._attn_implementation = "sdpa"
         attention = LlamaAttention(config, layer_idx=0).eval()
         patched_attention = attnpatch.apply(copy.deepcopy(attention), backend="native")
+        cleanup.append(lambda: attnpatch.unapply(patched_attention))
         hidden = torch.randn(batch, seq, 64)
         positions = LlamaRotaryEmbedding(config)(hidden, torch.arange(seq)[None])
 
@@ -140,7 +145,15 @@ def measure(
     batch: int = 1, seq: int = 16, heads: int = 2, head_dim: int = 32, rounds: int = 30, calls: int = 300
 ) -> dict[str, dict[str, float]]:
     """Return path name -> {"direct_us", "routed_us", "added_us", "target_us"}: minima over interleaved rounds."""
-    found = paths(batch, seq, heads, head_dim)
+    cleanup: list[Callable[[], Any]] = []
+    try:
+        return _measure(paths(batch, seq, heads, head_dim, cleanup), rounds, calls)
+    finally:
+        for undo in reversed(cleanup):
+            undo()
+
+
+def _measure(found: list[Path], rounds: int, calls: int) -> dict[str, dict[str, float]]:
     samples: dict[tuple[str, str], list[float]] = {}
     with torch.inference_mode():
         for path in found:  # warm-up: first calls import backends and fill caches
