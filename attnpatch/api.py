@@ -20,6 +20,7 @@ import fnmatch
 import gc
 import importlib
 import importlib.util
+import sys
 import threading
 import warnings
 import weakref
@@ -188,6 +189,9 @@ class attention_backend(selection.attention_backend):  # noqa: N801 - used like 
 
     def __enter__(self) -> attention_backend:
         global _open_blocks
+        if _compiling():  # inside a traced region: only the selection (patchers are installed eagerly, if at all)
+            super().__enter__()
+            return self
         with _lock:
             if not _installed_patchers and not env.disabled():
                 _install_patchers(_available_patchers())
@@ -197,11 +201,19 @@ class attention_backend(selection.attention_backend):  # noqa: N801 - used like 
 
     def __exit__(self, *exc: object) -> None:
         global _open_blocks
+        if _compiling():
+            super().__exit__(*exc)
+            return
         try:
             super().__exit__(*exc)
         finally:
             with _lock:
                 _open_blocks -= 1
+
+
+def _compiling() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.compiler.is_compiling())
 
 
 def installed_patchers() -> list[str]:

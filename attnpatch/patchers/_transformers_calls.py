@@ -8,6 +8,7 @@ more than plain softmax attention (found by reading their code). Each refusal is
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -104,10 +105,22 @@ def refusal(attention_mask: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 
 
 def weights_requested(module: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether this call's attention weights were asked for, in any of the ways transformers asks."""
     # transformers resolves output_attentions the same way: the call argument wins, else the config says.
     if "output_attentions" in kwargs:
         return bool(kwargs["output_attentions"])
-    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
+    if getattr(getattr(module, "config", None), "output_attentions", False):
+        return True
+    # transformers 5.x models decorated with @capture_outputs (GPT-2, Llama, ...) collect the weights by hooking
+    # their attention modules' outputs while a collector is active: output_attentions=True on the model's forward
+    # reaches neither the attention function nor the config. An active collector that wants attentions is a request.
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(capturing, "_active_collector", None)
+    if collector is not None:
+        wanted = collector.get()
+        if wanted and ("attentions" in wanted or "cross_attentions" in wanted):
+            return True
+    return False
 
 
 def plain_eager_refusal(fn: Callable[..., Any]) -> str | None:

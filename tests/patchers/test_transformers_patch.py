@@ -30,6 +30,7 @@ transformers = pytest.importorskip("transformers")
 
 import transformers_models as tm  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-less import mode)
 
+from attnpatch import api  # noqa: E402
 from attnpatch.core import dispatch, hooks, selection  # noqa: E402
 from attnpatch.core.hooks import CallRecord  # noqa: E402
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, state  # noqa: E402
@@ -595,3 +596,34 @@ def test_unsupported_names_what_is_not_routed() -> None:
         assert len(reasons) == 1 and "attn_implementation='eager' are not routed" in reasons[0]
     else:
         assert reasons == []
+
+
+@pytest.mark.skipif(VERSION < (5, 0), reason="@capture_outputs (weights by output hooks) is transformers 5")
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_weights_collected_by_output_hooks_are_never_lost(implementation: str) -> None:
+    # Issue 11: GPT-2 in transformers 5 collects attention weights by hooking its attention modules' outputs while
+    # a collector is active; output_attentions=True on the model's forward reaches neither the attention function
+    # nor the config. Routed, the weights came back empty; a user never gets fewer outputs than asked for.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    config._attn_implementation = implementation
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        unpatched = model(ids, output_attentions=True)
+    api.install("native")
+    try:
+        with torch.no_grad():
+            routed = model(ids, output_attentions=True)
+            plain = model(ids)
+    finally:
+        api.uninstall()
+    assert len(routed.attentions) == len(unpatched.attentions)
+    for ours, theirs in zip(routed.attentions, unpatched.attentions, strict=True):
+        assert (ours is None) == (theirs is None)
+        if theirs is not None:
+            torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(routed.logits, unpatched.logits)
+    torch.testing.assert_close(plain.logits, unpatched.logits)
