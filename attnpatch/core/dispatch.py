@@ -162,6 +162,15 @@ def route(
     return _route_slow(chain, query, key, value, attn_mask, kind, dropout_p, is_causal, scale, enable_gqa, site)
 
 
+def effective_chain(backend: str | Chain | None = None, module_chain: Chain | None = None) -> Chain:
+    """The chain :func:`route` would use with these arguments, here and now (for adapters that lay a call out
+    the way the library would for the backend that serves it)."""
+    if backend is not None:
+        return selection.resolve(backend)
+    context = selection.context_chain() if _contexts else _scope.context
+    return module_chain or _scope.module or context or _default or selection.default_chain()
+
+
 def _route_slow(
     chain: Chain,
     query: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Which transformers attention calls attnpatch routes, and why it leaves the others to transformers.
+"""Which transformers attention calls attnpatch routes, why it leaves the others to transformers, and how a routed
+call is laid out (GQA for ``native`` exactly as transformers' sdpa function lays it out).
 
 The rules the transformers patcher applies to each call of an attention function: keyword arguments no
 dispatcher backend serves, masks it does not read, attention weights asked for, and eager functions that are
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from attnpatch.core import dispatch, registry
 from attnpatch.patchers._base import code_names
 
 # Keyword arguments the original functions honour and no dispatcher backend can: a call that carries one
@@ -143,3 +145,27 @@ def parameters(fn: Callable[..., Any]) -> tuple[str, ...]:
 
 def describe(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def gqa_as_transformers(
+    module_chain: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """For ``native``: lay a GQA call out exactly as this transformers' sdpa function does, so the output is
+    bitwise the unpatched one (query (B, H, Sq, D), key/value (B, Hkv, Skv, D)). Its choice: ``enable_gqa`` (no mask,
+    head dims <= 256), for one query token the query heads packed onto the key/value heads, else ``repeat_kv``.
+    Other backends get the un-repeated heads (their kernels do GQA themselves); returns (..., packed)."""
+    native = registry.get_backend("native")
+    if dispatch.effective_chain(module_chain=module_chain).fast is not native:
+        return query, key, value, mask, 0
+    functions = sys.modules.get("transformers.integrations.sdpa_attention")
+    use_gqa = getattr(functions, "use_gqa_in_sdpa", None)
+    n_rep = query.shape[1] // key.shape[1]
+    if use_gqa is not None and use_gqa(mask, key, value):
+        return query, key, value, mask, 0
+    pack = getattr(functions, "pack_gqa", None)
+    if pack is not None and query.shape[2] == 1 and not torch.compiler.is_compiling():
+        return pack(query, n_rep), key, value, pack(mask, n_rep), 1
+    repeat = getattr(functions, "repeat_kv", None)
+    if repeat is None:
+        return query, key, value, mask, 0
+    return query, repeat(key, n_rep), repeat(value, n_rep), mask, 0

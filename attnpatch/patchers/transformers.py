@@ -136,6 +136,10 @@ def _route(
         else:
             mask = _create_position_bias_mask(position_bias, mask, causal, query, key)
             causal = False
+    module_chain = chain_of(selection)
+    packed = 0
+    if not eager and key.shape[1] != query.shape[1]:
+        query, key, value, mask, packed = calls.gqa_as_transformers(module_chain, query, key, value, mask)
     out = sdpa.route(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -145,9 +149,11 @@ def _route(
         bool(causal),
         scaling,
         key.shape[1] != query.shape[1],
-        module_chain=chain_of(selection),
+        module_chain=module_chain,
         site=site,
     )
+    if packed:  # (B, n_rep, Hkv, Dv) of one query token -> (B, 1, H, Dv), as sdpa_attention_forward reshapes it
+        out = out.transpose(1, 2).reshape(out.shape[0], -1, 1, out.shape[-1]).transpose(1, 2)
     return out.contiguous(), None
 
 
