@@ -319,11 +319,17 @@ def test_llama_left_padded_greedy_generate_with_kv_cache(patched: None) -> None:
     assert torch.equal(got, expected)
     # one prefill over the prompt, then one step per further token, each through both layers
     assert len(records) == 2 * new_tokens
-    assert [r.query.shape[1] for r in records[::2]] == [ids.shape[1]] + [1] * (new_tokens - 1)
     assert records[-1].key.shape[1] == ids.shape[1] + new_tokens - 1  # the KV cache grew to the full length
+    assert all(r.attn_mask is not None for r in records)  # left padding keeps a mask on every call
+    # A backend that does GQA itself gets the attention function's K/V un-repeated (native instead gets them laid
+    # out as transformers' sdpa function would, to stay bitwise: test_native_is_bitwise_the_unpatched_gqa_decode).
+    mark(model, "_native_math")
+    with recorded() as records, torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+    assert torch.equal(got, expected)
+    assert [r.query.shape[1] for r in records[::2]] == [ids.shape[1]] + [1] * (new_tokens - 1)
     if VERSION >= (4, 48):  # the attention function gets K/V un-repeated; 4.4x layers repeat them before F.sdpa
         assert records[-1].key.shape[2] == 2 and records[-1].query.shape[2] == 4
-    assert all(r.attn_mask is not None for r in records)  # left padding keeps a mask on every call
 
 
 @pytest.mark.skipif(VERSION < (5, 15), reason=_NO_T5_SDPA)
