@@ -21,7 +21,6 @@ import gc
 import importlib
 import importlib.util
 import sys
-import threading
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
@@ -30,7 +29,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from attnpatch import env
-from attnpatch.core import selection
+from attnpatch.core import forksafe, selection
 from attnpatch.errors import AttnpatchError, AttnpatchWarning
 from attnpatch.patchers import FOLLOW, KEEPER_ATTR, MODULE_ATTR, SITE_ATTR, Keeper, marks_alive, state
 
@@ -44,7 +43,7 @@ ACCEPTED = (
     "(PreTrainedModel) or a torch.nn.Module containing them"
 )
 
-_lock = threading.RLock()
+_lock = forksafe.Lock(reentrant=True)
 # Attention layers marked by apply / set_attention_backend (weak: a model that is dropped leaves by itself).
 _marked: weakref.WeakSet[Any] = weakref.WeakSet()
 _installed_patchers: list[ModuleType] = []

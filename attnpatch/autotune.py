@@ -34,7 +34,6 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 
 from attnpatch import env
-from attnpatch.core import hooks
+from attnpatch.core import forksafe, hooks
 from attnpatch.core.call import CallSpec, dtype_name
 from attnpatch.core.registry import Backend
 from attnpatch.errors import AttnpatchWarning
@@ -52,7 +51,7 @@ SCHEMA = "attnpatch.autotune/1"
 _WARMUP = 1
 _MIN_RUNS, _MAX_RUNS, _BUDGET_S = 3, 10, 0.025
 
-_lock = threading.RLock()
+_lock = forksafe.Lock(reentrant=True)
 _memory: dict[str, dict[str, Any]] = {}  # kind -> entry (what was tuned or loaded this process)
 _loaded: set[Path] = set()
 _enabled = False

@@ -216,6 +216,12 @@ def pending() -> Settings | None:
     return _pending
 
 
+def shown(value: object, limit: int = 300) -> str:
+    """``repr(value)``, or its start and length when it is long: a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(str(value))} characters)"
+
+
 def say(message: str) -> None:
     """One line on stderr, prefixed ``attnpatch:``."""
     stream = sys.stderr
@@ -267,7 +273,7 @@ def _backend_problem(settings: Settings) -> str | None:
     try:
         selection.resolve(settings.backend)  # type: ignore[arg-type]
     except UnknownBackendError as exc:
-        return f"{settings.label('backend')}={settings.backend!r}: {exc}"
+        return f"{settings.label('backend')}={shown(settings.backend)}: {exc}"
     return None
 
 
@@ -279,7 +285,7 @@ def _install(settings: Settings) -> None:
         api.install(settings.backend, strict=settings.strict or None, checks=settings.checks or None)
     except Exception as exc:
         _undo()
-        say(f"could not activate backend {settings.backend!r} ({type(exc).__name__}: {exc}); {UNPATCHED}")
+        say(f"could not activate backend {shown(settings.backend)} ({type(exc).__name__}: {exc}); {UNPATCHED}")
         return
     _active = settings
     for field, module_name, enable in _FEATURES:
@@ -324,8 +330,8 @@ def _enable_feature(settings: Settings, field: str, module_name: str, enable: Ca
         enable(module, settings)
     except Exception as exc:
         value = getattr(settings, field)
-        shown = "" if value is True else f"={value!r}"
-        say(f"{label}{shown}: {exc}; {label} is ignored")
+        shown_value = "" if value is True else f"={shown(value)}"
+        say(f"{label}{shown_value}: {exc}; {label} is ignored")
 
 
 # --- the import hook ------------------------------------------------------------------------------------------
@@ -351,6 +357,10 @@ class _ImportHook:
                 if spec is not None and spec.loader is not None:
                     spec.loader = _ActivateAfter(spec.loader)
                 return spec
+            if _find_elsewhere(fullname, path, target) is None:
+                # The library is not installed (a probe with importlib.util.find_spec, or an import that fails):
+                # nothing to patch, so nothing is imported (activation would import torch for nothing).
+                return None
             # Import-time work runs under the interpreter's import lock here; what we import (torch, wrapt,
             # attnpatch) does not start threads that import, so this cannot deadlock.
             _fire()

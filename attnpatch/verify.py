@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import atexit
 import sys
-import threading
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 
 from attnpatch import report
-from attnpatch.core import hooks, masks, registry
+from attnpatch.core import forksafe, hooks, masks, registry
 from attnpatch.core.call import dtype_name
 from attnpatch.errors import AttnpatchError, AttnpatchWarning
 from attnpatch.report import DIRECT, align
@@ -84,7 +83,7 @@ class _Settings:
 
 
 _settings: _Settings | None = None
-_lock = threading.Lock()
+_lock = forksafe.Lock()
 _seen: dict[tuple[Any, ...], int] = {}
 _checks: list[Check] = []
 _actions: dict[str, str] = {}  # site -> what was done ("warned", "moved to native", "raised")

@@ -15,7 +15,6 @@ tells the observers of :mod:`attnpatch.core.hooks`.
 from __future__ import annotations
 
 import sys
-import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from attnpatch.core import hooks, masks, registry, selection
+from attnpatch.core import forksafe, hooks, masks, registry, selection
 from attnpatch.core.call import MASK_NONE, CallSpec
 from attnpatch.core.checks import run_checks
 from attnpatch.core.registry import Backend
@@ -54,7 +53,7 @@ MAX_DECISIONS = 1024
 MAX_FALLBACK_KINDS = 1024
 MAX_WARNINGS_PER_BACKEND = 20
 OTHER_REASONS = "(other reasons: more distinct reasons than the report itemises)"
-_lock = threading.Lock()
+_lock = forksafe.Lock()
 
 
 def _sync() -> None:

@@ -13,13 +13,13 @@ Everything here is read by the dispatcher only on its slow path, which it takes 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from attnpatch.core import forksafe
 from attnpatch.core.call import CallSpec
 from attnpatch.core.registry import Backend
 
@@ -51,7 +51,7 @@ CallTimer = Callable[[Callable[..., torch.Tensor], tuple[Any, ...]], tuple[torch
 # The site of calls made outside any patched module (dispatch_attention called directly, or a layer with no name).
 DIRECT = "<direct>"
 
-_lock = threading.Lock()
+_lock = forksafe.Lock()
 _listeners: list[Callable[[], None]] = []
 
 # Read by the dispatcher (a list that is empty while nobody observes); change it with add/remove_observer.

@@ -12,13 +12,13 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from attnpatch.core import forksafe
 from attnpatch.core.call import BackendFn, CallSpec
 from attnpatch.core.capabilities import ACCEPT_ALL, Capabilities, capability_reasons
 from attnpatch.errors import UnknownBackendError
@@ -73,7 +73,7 @@ class Backend:
         return reasons
 
 
-_lock = threading.RLock()
+_lock = forksafe.Lock(reentrant=True)
 _backends: dict[str, Backend] = {}
 _aliases: dict[str, str] = {}
 _builtins_loaded = False
@@ -226,10 +226,13 @@ def canonical(name: str) -> str:
 
 def unknown_message(name: str) -> str:
     choices = sorted(set(_backends) | set(_aliases) | {"auto"})
-    close = difflib.get_close_matches(name.strip().lower(), choices, n=3, cutoff=0.5)
+    if len(name) > 80:  # a pasted file or a runaway variable: say how long, not all of it (and skip difflib on it)
+        shown, close = f"{name[:60]!r}... ({len(name)} characters)", []
+    else:
+        shown, close = repr(name), difflib.get_close_matches(name.strip().lower(), choices, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
     return (
-        f"unknown attention backend {name!r}: {hint}valid names: {', '.join(choices)} "
+        f"unknown attention backend {shown}: {hint}valid names: {', '.join(choices)} "
         "(run `python -m attnpatch list` to see which are available here)"
     )
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from attnpatch import env
-from attnpatch.core import registry
+from attnpatch.core import forksafe, registry
 from attnpatch.core.registry import Backend
 from attnpatch.errors import AttnpatchWarning
 
@@ -64,7 +64,7 @@ class _Scope(threading.local):
 # change it only through attention_backend / push_module / pop_module.
 scope = _Scope()
 
-_lock = threading.RLock()
+_lock = forksafe.Lock(reentrant=True)
 _chains: dict[str, Chain] = {}
 _listeners: list[Callable[[], None]] = []
 

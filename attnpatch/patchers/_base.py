@@ -18,12 +18,14 @@ function another tool replaced after us stays theirs.
 from __future__ import annotations
 
 import sys
-import threading
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
+from attnpatch.core import forksafe
 from attnpatch.core.versions import installed as module_installed
+from attnpatch.errors import AttnpatchWarning
 
 
 class PatchSet:
@@ -86,7 +88,7 @@ class Patcher:
     library = ""
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = forksafe.Lock(reentrant=True)  # free again in a forked child
         self.patches = PatchSet()  # what install replaced; _uninstall restores it
         self._installed = False
         self._hooked: set[str] = set()
@@ -131,7 +133,15 @@ class Patcher:
 
         def fire(module: types.ModuleType) -> None:
             self._hooked.discard(name)
-            hook(module)
+            try:
+                hook(module)
+            except Exception as exc:  # never break the user's import: the library loads unpatched, said once
+                warnings.warn(
+                    f"attnpatch: patching {name} failed ({type(exc).__name__}: {exc}); it runs unpatched. "
+                    "Please report this with your diffusers/transformers versions.",
+                    AttnpatchWarning,
+                    stacklevel=2,
+                )
 
         wrapt.register_post_import_hook(fire, name)
 

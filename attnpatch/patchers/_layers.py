@@ -14,7 +14,6 @@ once, instead of raising in every call.
 from __future__ import annotations
 
 import sys
-import threading
 import types
 import warnings
 import weakref
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from attnpatch.core import registry, selection
+from attnpatch.core import forksafe, registry, selection
 from attnpatch.core.selection import Chain
 from attnpatch.errors import AttnpatchWarning, UnknownBackendError
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR
@@ -89,7 +88,7 @@ def site_of(module: Any) -> str | None:
     return site
 
 
-_lock = threading.Lock()
+_lock = forksafe.Lock()
 # root (a model or a pipeline) -> {id(module): (weak reference to the module, qualified name)}, built once per root
 _names: weakref.WeakKeyDictionary[Any, dict[int, tuple[weakref.ref[Any], str]]] = weakref.WeakKeyDictionary()
 # Pipelines seen running: a component called on its own (pipe.unet(...)) is still named "unet...." as apply does.

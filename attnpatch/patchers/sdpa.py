@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnpatch.core import dispatch, selection
+from attnpatch.core import dispatch, forksafe, selection
 from attnpatch.core.selection import Chain
 
 
@@ -30,7 +30,7 @@ class _Local(threading.local):
 
 
 _local = _Local()
-_lock = threading.Lock()
+_lock = forksafe.Lock()
 _users = 0
 # The function that was F.scaled_dot_product_attention when we replaced it (None while not installed).
 _original: Callable[..., torch.Tensor] | None = None
