@@ -14,6 +14,13 @@ def _fresh_dispatch_state():
     saved_hooks = hooks.snapshot()
     dispatch.reset_fallbacks()
     yield
+    # A test that opened an attention_backend() block (which installs the patchers and leaves them for the next
+    # unapply/uninstall) or install()ed must not leave patchers behind for the next test.
+    import sys
+
+    api = sys.modules.get("attnpatch.api")
+    if api is not None:
+        api.uninstall()
     selection.restore(saved)
     hooks.restore(saved_hooks)
     hooks.clear_observers()

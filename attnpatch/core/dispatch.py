@@ -142,11 +142,7 @@ def route(
     ``module_chain`` is the per-module selection, if any; ``site`` names the calling module for the report
     (default: the site set by :func:`attnpatch.core.selection.push_module`).
     """
-    if backend is not None:
-        chain = selection.resolve(backend)
-    else:
-        context = selection.context_chain() if _contexts else _scope.context
-        chain = module_chain or _scope.module or context or _default or selection.default_chain()
+    chain = effective_chain(backend, module_chain)
     if (not _plain or _default is None) and selection.checks():
         run_checks(query, key, value, attn_mask, is_causal, chain)
     kind = MASK_NONE
@@ -424,10 +420,6 @@ def _unsupported_message(chain: Chain, call: CallSpec, refused: dict[str, list[s
         + " | ".join(parts)
         + ". Fix: choose another backend (python -m attnpatch list), or unset ATTNPATCH_STRICT to fall back."
     )
-
-
-def describe_call(call: CallSpec) -> str:
-    return call.describe()
 
 
 def fallback_counts() -> dict[tuple[str, str, str, str], int]:
