@@ -444,10 +444,7 @@ def plot(data: dict[str, Any], path: str) -> None:
     for i, name in enumerate(names):
         values = {f"{r['preset']} {r['case']}".strip(): r["tflops"] for r in ok if r["backend"] == name}
         xs = [j + i * width for j, case in enumerate(cases) if case in values]
-        # matplotlib leaves labels that start with "_" out of the legend (_native_cudnn, _flash_3): a zero-width
-        # space in front keeps them in and looks the same.
-        label = "\u200b" + name if name.startswith("_") else name
-        ax.bar(xs, [values[c] for c in cases if c in values], width, label=label)
+        ax.bar(xs, [values[c] for c in cases if c in values], width, label=legend_label(name))
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(cases))], cases, rotation=20, ha="right")
     ax.set_ylabel("TFLOP/s")
     ax.set_title(f"attnpatch bench: {data['device']}, {data['dtype']}")
@@ -455,6 +452,12 @@ def plot(data: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def legend_label(name: str) -> str:
+    """``name`` as a legend entry: matplotlib leaves labels that start with "_" out of the legend (_native_cudnn,
+    _flash_3); a zero-width space in front keeps them in and looks the same."""
+    return "\u200b" + name if name.startswith("_") else name
 
 
 class _Progress:

@@ -268,3 +268,10 @@ def test_overhead_measures_every_path_side_by_side(tmp_path: Path, capsys: pytes
     for row in results.values():
         assert row["direct_us"] > 0 and row["routed_us"] > 0 and row["target_us"] in (0.3, 1.0)
     assert "target < 0.3 us" in capsys.readouterr().out
+
+
+def test_plot_legend_keeps_underscored_backends() -> None:
+    # matplotlib drops legend labels that start with "_": _native_cudnn and _flash_3 vanished from --plot.
+    assert not bench.legend_label("_flash_3").startswith("_")
+    assert bench.legend_label("_flash_3").strip("\u200b") == "_flash_3"
+    assert bench.legend_label("flash") == "flash"

@@ -671,3 +671,21 @@ def test_native_is_bitwise_the_unpatched_gqa_decode(model_name: str) -> None:
     assert torch.equal(routed.sequences, unpatched.sequences)
     for ours, theirs in zip(routed.scores, unpatched.scores, strict=True):
         assert torch.equal(ours, theirs), (ours - theirs).abs().max()
+
+
+def test_fallback_warnings_point_at_the_model_code_not_at_attnpatch() -> None:
+    # Issue 11: the one fallback warning named attnpatch's patcher as its location; it names the caller's frame.
+    model = tm.llama()
+    ids, mask = tm.left_padded_ids()
+    api.apply(model, backend="_native_cudnn")  # CUDA only: on this CPU every call falls back to native
+    try:
+        dispatch.reset_fallbacks()
+        with pytest.warns(Warning) as caught, torch.no_grad():
+            model(ids, attention_mask=mask)
+    finally:
+        api.unapply(model)
+    ours = [w for w in caught if "cannot serve this call" in str(w.message)]
+    assert ours, [str(w.message) for w in caught]
+    for warning in ours:
+        assert f"{os.sep}attnpatch{os.sep}" not in warning.filename, warning.filename
+        assert "wrapt" not in warning.filename and f"torch{os.sep}nn" not in warning.filename, warning.filename
