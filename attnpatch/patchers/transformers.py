@@ -66,6 +66,8 @@ AttentionFn = Callable[..., tuple[torch.Tensor, Any]]
 # The oldest transformers with an attention-function mapping (ALL_ATTENTION_FUNCTIONS) and the oldest we patch.
 MAPPING_VERSION = (4, 48)
 OLDEST_VERSION = (4, 46)
+# The newest release CI runs the patcher tests on (the test extra pins it; .ci/old-versions.txt has the oldest).
+NEWEST_TESTED = (5, 25)
 # transformers < 4.53 makes an SDPA call causal when no mask is given, whatever the layer's `is_causal` says;
 # later versions ask the layer (`getattr(module, "is_causal", True)`).
 _LAYER_DECIDES_CAUSAL_VERSION = (4, 53)
@@ -451,6 +453,11 @@ def unsupported() -> list[str]:
         return [
             f"transformers {shown} computes eager attention inline in each layer: layers loaded with "
             "attn_implementation='eager' are not routed (load the model with attn_implementation='sdpa')"
+        ]
+    if version[:2] > NEWEST_TESTED:
+        return [
+            f"transformers {shown} is newer than {'.'.join(map(str, NEWEST_TESTED))}, the newest attnpatch was tested "
+            "with: its attention functions are routed, anything it changed since is not verified"
         ]
     return []
 

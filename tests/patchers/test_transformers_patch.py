@@ -689,3 +689,14 @@ def test_fallback_warnings_point_at_the_model_code_not_at_attnpatch() -> None:
     for warning in ours:
         assert f"{os.sep}attnpatch{os.sep}" not in warning.filename, warning.filename
         assert "wrapt" not in warning.filename and f"torch{os.sep}nn" not in warning.filename, warning.filename
+
+
+def test_unsupported_names_the_newest_verified_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    if VERSION >= patcher.MAPPING_VERSION:  # (the old-versions leg runs 4.46, which has its own reason)
+        assert patcher.unsupported() == [], "the installed transformers is a verified one"
+    assert tuple(int(p) for p in importlib.metadata.version("transformers").split(".")[:2]) <= patcher.NEWEST_TESTED
+    monkeypatch.setattr(patcher, "transformers_version", lambda: (5, 99, 0))
+    [reason] = patcher.unsupported()
+    assert reason.startswith("transformers 5.99.0 is newer than 5.25, the newest attnpatch was tested with")
