@@ -184,7 +184,7 @@ def _route_slow(
     # decision depends on; anything else (a registry change, device emulation, strict mode, another auto
     # chooser) clears the cache.
     decision_key = None
-    if not hooks.observers and not torch.compiler.is_compiling():
+    if _plain and not torch.compiler.is_compiling():  # no observers, no checks (they see every call)
         needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
         decision_key = (
             chain,

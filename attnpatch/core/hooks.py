@@ -121,6 +121,7 @@ def set_site_override(site: str, selection: str | None) -> None:
             _overrides.pop(site, None)
         else:
             _overrides[site] = selection
+    _changed()  # the dispatcher forgets decisions made for the site before
 
 
 def site_override(site: str | None) -> str | None:
@@ -133,6 +134,7 @@ def site_override(site: str | None) -> str | None:
 def clear_site_overrides() -> None:
     with _lock:
         _overrides.clear()
+    _changed()
 
 
 def snapshot() -> dict[str, Any]:
