@@ -20,8 +20,10 @@ What the kernels take, from sageattention/core.py (2.1.1+, and the 1.0.x Triton-
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,6 +52,10 @@ FP8_TOLERANCE = {torch.float16: (8e-2, 8e-2), torch.bfloat16: (8e-2, 8e-2)}
 # too small whenever seq_kv % 64 != 0 (non-causal). The CUDA kernels mask it (csrc/qattn/attn_utils.cuh).
 TAIL_FIXED_IN = (2, 2, 0)
 KEY_BLOCK = 64
+# The non-causal Triton kernels of a build with that commit mask the last key block with this call; builds of main
+# from 0d30f5c to 628a89f already say 2.2.0 without it (docs/kernel-truth.md: they give 2.1.1's wrong answers).
+TAIL_FIX_MARK = "tl.where(k_mask"
+TAIL_KERNEL_FILES = ("triton/attn_qk_int8_per_block.py", "triton/attn_qk_int8_block_varlen.py")
 TRITON_FUNCTIONS = ("sageattn_varlen", "sageattn_qk_int8_pv_fp16_triton")
 # The kernels compute element offsets in int32 (upstream issue 386): a tensor whose largest offset passes this is
 # copied contiguous, and a call whose contiguous tensors still pass it is refused.
@@ -74,6 +80,23 @@ def _version() -> tuple[int, ...]:
     return (version_tuple(version) if version else ()) or (2, 0)
 
 
+@_probe.constant_for_compile
+def _tail_fix_in_source() -> bool | None:
+    """False when the installed kernels' source provably lacks the fix, None when it cannot be read. Imports
+    nothing: the package's files are read where find_spec says they are."""
+    try:
+        spec = importlib.util.find_spec("sageattention")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package = Path(next(iter(spec.submodule_search_locations)))
+    try:
+        return all(TAIL_FIX_MARK in (package / name).read_text() for name in TAIL_KERNEL_FILES)
+    except OSError:
+        return None
+
+
 def tail_block_reasons(call: CallSpec, version: tuple[int, ...], function: str) -> list[str]:
     """Why ``function``'s kernel in sageattention ``version`` would give a wrong answer for ``call`` (else []).
 
@@ -81,7 +104,8 @@ def tail_block_reasons(call: CallSpec, version: tuple[int, ...], function: str) 
     seq_kv, see same_length_causal) are right, their mask hides the missing keys; multiples of 64 keys are right.
     A key-padding mask's per-sequence lengths are known only on the device, so masked varlen calls are refused.
     """
-    if version >= TAIL_FIXED_IN or call.is_causal:
+    fixed = version >= TAIL_FIXED_IN and _tail_fix_in_source() is not False
+    if fixed or call.is_causal:
         return []
     if function == "sageattn":
         # 1.x is Triton only; 2.x's sageattn runs its CUDA kernels (which mask the tail) except on sm86.
@@ -93,6 +117,8 @@ def tail_block_reasons(call: CallSpec, version: tuple[int, ...], function: str) 
     if not on_triton:
         return []
     installed = ".".join(map(str, version))
+    if version >= TAIL_FIXED_IN:
+        installed += " (a build from before upstream commit 3917283)"
     head = f"sageattention {installed}'s Triton kernels do not mask the last block of {KEY_BLOCK} keys"
     fix = f"fixed in sageattention >= 2.2.0 (upstream commit 3917283); {BUILD_2X}"
     if function == "sageattn_varlen" and call.mask_kind == MASK_KEY_PADDING:

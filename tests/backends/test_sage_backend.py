@@ -111,3 +111,28 @@ def test_sage_has_no_backward(name: str, fake_libraries: Any, pretend: Any, stri
     q, k, v = qkv(dtype=dtype, head_dim=head_dim)
     with pytest.raises(UnsupportedCall, match="has no backward pass"):
         dispatch.dispatch_attention(q.requires_grad_(), k, v, backend=name)
+
+
+@pytest.mark.parametrize("marked", [False, True], ids=["main-before-the-fix", "v2.2.0"])
+def test_a_build_that_says_2_2_0_without_the_fix_is_refused(
+    marked: bool, fake_libraries: Any, pretend: Any, strict: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    # Builds of upstream main from 0d30f5c to 628a89f say 2.2.0 but lack commit 3917283's masking (their Triton
+    # kernels give 2.1.1's wrong answers, docs/kernel-truth.md): the kernel source tells them apart.
+    import importlib.machinery
+
+    package = tmp_path / "sageattention"
+    (package / "triton").mkdir(parents=True)
+    for name in ("attn_qk_int8_per_block.py", "attn_qk_int8_block_varlen.py"):
+        line = "qk += tl.where(k_mask, 0, -1.0e6)" if marked else "qk = tl.dot(q, k)"
+        (package / "triton" / name).write_text(f"def kernel():\n    {line}\n")
+    spec = importlib.machinery.ModuleSpec("sageattention", None, is_package=True)
+    spec.submodule_search_locations = [str(package)]
+    monkeypatch.setattr(fake_sageattention, "__spec__", spec)
+    pretend("cuda", (8, 0))
+    q, k, v = qkv(heads_kv=2, seq_q=64, seq_kv=77)
+    if marked:
+        assert_matches(dispatch.dispatch_attention(q, k, v, backend="sage_varlen"), expected(q, k, v))
+    else:
+        with pytest.raises(UnsupportedCall, match=r"2\.2\.0 \(a build from before upstream commit 3917283\)"):
+            dispatch.dispatch_attention(q, k, v, backend="sage_varlen")
