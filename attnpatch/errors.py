@@ -7,6 +7,13 @@ traceback (or a log line from the startup hook) knows what to change without rea
 from __future__ import annotations
 
 
+def shown(value: object, limit: int = 300) -> str:
+    """``repr(value)``, or its start and length when it is long: a message naming a value stays one readable line
+    (a pasted file in ATTNPATCH_BACKEND once made a 201 KB "one line")."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(str(value))} characters)"
+
+
 class AttnpatchError(Exception):
     """Base class of every error attnpatch raises on purpose."""
 

@@ -216,12 +216,6 @@ def pending() -> Settings | None:
     return _pending
 
 
-def shown(value: object, limit: int = 300) -> str:
-    """``repr(value)``, or its start and length when it is long: a message stays one readable line."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(str(value))} characters)"
-
-
 def say(message: str) -> None:
     """One line on stderr, prefixed ``attnpatch:``."""
     stream = sys.stderr
@@ -268,7 +262,7 @@ def _fire() -> None:
 def _backend_problem(settings: Settings) -> str | None:
     """None when the backend selection resolves, else one line naming the value and the valid choices."""
     from attnpatch.core import selection  # imports torch
-    from attnpatch.errors import UnknownBackendError
+    from attnpatch.errors import UnknownBackendError, shown
 
     try:
         selection.resolve(settings.backend)  # type: ignore[arg-type]
@@ -284,6 +278,8 @@ def _install(settings: Settings) -> None:
 
         api.install(settings.backend, strict=settings.strict or None, checks=settings.checks or None)
     except Exception as exc:
+        from attnpatch.errors import shown  # the error path only: startup imports nothing it does not need
+
         _undo()
         say(f"could not activate backend {shown(settings.backend)} ({type(exc).__name__}: {exc}); {UNPATCHED}")
         return
@@ -329,6 +325,8 @@ def _enable_feature(settings: Settings, field: str, module_name: str, enable: Ca
     try:
         enable(module, settings)
     except Exception as exc:
+        from attnpatch.errors import shown
+
         value = getattr(settings, field)
         shown_value = "" if value is True else f"={shown(value)}"
         say(f"{label}{shown_value}: {exc}; {label} is ignored")

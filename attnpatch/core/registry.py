@@ -21,7 +21,7 @@ import torch
 from attnpatch.core import forksafe
 from attnpatch.core.call import BackendFn, CallSpec
 from attnpatch.core.capabilities import ACCEPT_ALL, Capabilities, capability_reasons
-from attnpatch.errors import UnknownBackendError
+from attnpatch.errors import UnknownBackendError, shown
 
 BUILTINS_PACKAGE = "attnpatch.backends"
 
@@ -226,13 +226,11 @@ def canonical(name: str) -> str:
 
 def unknown_message(name: str) -> str:
     choices = sorted(set(_backends) | set(_aliases) | {"auto"})
-    if len(name) > 80:  # a pasted file or a runaway variable: say how long, not all of it (and skip difflib on it)
-        shown, close = f"{name[:60]!r}... ({len(name)} characters)", []
-    else:
-        shown, close = repr(name), difflib.get_close_matches(name.strip().lower(), choices, n=3, cutoff=0.5)
+    # A pasted file or a runaway variable: say how long, not all of it, and spare difflib the comparison.
+    close = [] if len(name) > 80 else difflib.get_close_matches(name.strip().lower(), choices, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
     return (
-        f"unknown attention backend {shown}: {hint}valid names: {', '.join(choices)} "
+        f"unknown attention backend {shown(name, limit=80)}: {hint}valid names: {', '.join(choices)} "
         "(run `python -m attnpatch list` to see which are available here)"
     )
 

@@ -141,20 +141,8 @@ SAGE_CAUSAL = "supports is_causal only when seq_q == seq_kv"
 REFUSALS: dict[tuple[str, str], str] = {
     **{
         (name, "causal_cross"): CAUSAL_BOTTOM_RIGHT
-        for name in (
-            "flash",
-            "flash_varlen",
-            "_flash_3",
-            "_flash_varlen_3",
-            "flash_4",
-            "flash_hub",
-            "flash_varlen_hub",
-            "_flash_3_hub",
-            "_flash_3_varlen_hub",
-            "flash_4_hub",
-            "aiter_fa2_hub",
-            "aiter",
-        )
+        for name in TABLE
+        if "flash" in name or "aiter" in name  # every FlashAttention and AITER build aligns causal bottom-right
     },
     **{(name, "causal_cross"): SAGE_CAUSAL for name in SAGE},
     ("sage_blackwell_hub", "scale"): "ignores a custom softmax scale",
