@@ -183,12 +183,13 @@ def _route_slow(
     # refused and why, for the counts), without a CallSpec, reasons or auto's ranking. A tuple of the facts the
     # decision depends on; anything else (a registry change, device emulation, strict mode, another auto
     # chooser) clears the cache.
+    site = site or _scope.site
     decision_key = None
     if _plain and not torch.compiler.is_compiling():  # no observers, no checks (they see every call)
         needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
         decision_key = (
             chain,
-            site or _scope.site,
+            site,
             query.shape,
             key.shape,
             value.shape[-1],
@@ -213,7 +214,6 @@ def _route_slow(
                 return out
     call = CallSpec.of(query, key, value, kind, dropout_p, is_causal, scale)
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    site = site or _scope.site
     requested = chain
     override = hooks.site_override(site)
     if override is not None:
