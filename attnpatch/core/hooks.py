@@ -7,6 +7,7 @@
 - Per-site overrides route every call of one site (a patched module's qualified name) to another selection,
   keeping what was requested for the report (verify's fallback moves a failing module to native this way).
 - The call timer times the backend call itself (report's timing) and fills :attr:`CallRecord.seconds`.
+- The selection origin says what chose a site's selection now (a plan's rule), for the report's rows.
 
 Everything here is read by the dispatcher only on its slow path, which it takes while an observer is registered.
 """
@@ -47,6 +48,8 @@ Observer = Callable[[CallRecord], "torch.Tensor | None"]
 AutoChooser = Callable[[CallSpec, list[Backend], tuple[Any, ...]], Backend]
 # timer(fn, args) -> (fn(*args), seconds)
 CallTimer = Callable[[Callable[..., torch.Tensor], tuple[Any, ...]], tuple[torch.Tensor, float]]
+# origin(site) -> what chose the site's selection for the call running now ("rule 2: transformer [1:-1]"), or None
+SelectionOrigin = Callable[[str], "str | None"]
 
 # The site of calls made outside any patched module (dispatch_attention called directly, or a layer with no name).
 DIRECT = "<direct>"
@@ -59,6 +62,7 @@ observers: list[Observer] = []
 _auto_chooser: AutoChooser | None = None
 _call_timer: CallTimer | None = None
 _overrides: dict[str, str] = {}
+_origin: SelectionOrigin | None = None
 
 
 def on_change(listener: Callable[[], None]) -> None:
@@ -137,20 +141,35 @@ def clear_site_overrides() -> None:
     _changed()
 
 
+def set_selection_origin(origin: SelectionOrigin | None) -> SelectionOrigin | None:
+    """Install ``origin`` (None: none), which says what chose a site's selection; returns the previous one."""
+    global _origin
+    previous, _origin = _origin, origin
+    return previous
+
+
+def selection_origin(site: str | None) -> str | None:
+    """What chose the selection of ``site``'s call running now (a plan's rule), None when nothing says."""
+    origin = _origin
+    return None if origin is None or site is None else origin(site)
+
+
 def snapshot() -> dict[str, Any]:
     return {
         "observers": list(observers),
         "auto_chooser": _auto_chooser,
         "call_timer": _call_timer,
         "overrides": dict(_overrides),
+        "origin": _origin,
     }
 
 
 def restore(saved: dict[str, Any]) -> None:
-    global _auto_chooser, _call_timer
+    global _auto_chooser, _call_timer, _origin
     with _lock:
         observers[:] = saved["observers"]
         _overrides.clear()
         _overrides.update(saved["overrides"])
     _auto_chooser, _call_timer = saved["auto_chooser"], saved["call_timer"]
+    _origin = saved.get("origin")
     _changed()
