@@ -16,13 +16,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-import diffusers_models as dm  # noqa: E402
-
 from attnpatch import api  # noqa: E402
 from attnpatch.core import hooks, registry, selection  # noqa: E402
 from attnpatch.errors import AttnpatchError, AttnpatchWarning, UnknownBackendError  # noqa: E402
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR  # noqa: E402
 from attnpatch.patchers import diffusers as patcher  # noqa: E402
+from attnpatch.testing import diffusers_models as dm  # noqa: E402
+from attnpatch.testing import tiny  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +57,7 @@ def flux() -> Any:
 @pytest.fixture
 def pipe() -> Any:
     pytest.importorskip("transformers")
-    return dm.flux_pipeline()
+    return tiny.flux_pipeline()
 
 
 def test_apply_returns_obj_and_marks_every_layer_with_selection_and_site(flux: Any) -> None:
@@ -256,7 +256,7 @@ def _sites_of_a_run(pipe: Any) -> list[str]:
 
 def test_install_names_every_layer_as_apply_does() -> None:
     pytest.importorskip("transformers")
-    pipe = dm.stable_diffusion_pipeline()
+    pipe = tiny.stable_diffusion_pipeline()
     api.apply(pipe)
     applied = _sites_of_a_run(pipe)
     api.unapply(pipe)
@@ -271,7 +271,10 @@ def test_install_names_every_layer_as_apply_does() -> None:
     # A component called on its own after its pipeline ran is named inside the pipeline, as apply names it.
     for module in pipe.unet.modules():
         module.__dict__.pop(SITE_ATTR, None)
-    inputs = dict(dm.inputs(dm.FAMILIES["unet"], 0, pipe.unet), encoder_hidden_states=torch.randn(2, 7, 64))
+    inputs = dict(
+        dm.inputs(dm.FAMILIES["unet"], 0, pipe.unet),
+        encoder_hidden_states=torch.randn(2, 7, pipe.unet.config.cross_attention_dim),
+    )
     with observed() as records, torch.no_grad():
         pipe.unet(**inputs)
     assert {r.site for r in records} == {s for s in applied if s.startswith("unet.")}
@@ -383,7 +386,7 @@ def test_a_model_saved_applied_runs_on_native_where_its_backend_is_unknown(flux:
 
 def test_install_and_blocks_name_transformers_layers_as_apply_does() -> None:
     pytest.importorskip("transformers")
-    import transformers_models as tm
+    from attnpatch.testing import transformers_models as tm
 
     model = tm.llama()
     ids = torch.tensor([[1, 5, 6, 7]])

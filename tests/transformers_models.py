@@ -1,4 +1,4 @@
-"""Moved to :mod:`attnpatch.testing.transformers_models`; this alias lasts only until every test imports it from there."""
+"""Moved to :mod:`attnpatch.testing.transformers_models`; alias until all tests import it there."""
 
 import sys
 

@@ -1,8 +1,9 @@
 """Tiny diffusers models built from config (no download), with inputs, for tests and scripts/compat_table.py.
 
 Each family builds in well under a second on a CPU and runs a forward in milliseconds. Configs follow
-shared/DESIGN.md and diffusers' own model tests. A family whose class the installed diffusers lacks (or cannot
-build with these arguments) is reported as missing with the reason, never as a failure of attnpatch.
+diffusers' own model tests; :mod:`attnpatch.testing.tiny` builds its pipelines from the same configs. A family
+whose class the installed diffusers lacks is reported as missing with the reason, never as a failure of
+attnpatch.
 """
 
 from __future__ import annotations
@@ -399,12 +400,12 @@ def missing_reason(family: Family) -> str | None:
     return None
 
 
-def build(family: Family, seed: int = 0) -> torch.nn.Module:
-    """The tiny model, in eval mode, with weights drawn from ``seed``."""
+def build(family: Family, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """The tiny model, in eval mode, with weights drawn from ``seed``; ``overrides`` replace config entries."""
     import diffusers
 
     torch.manual_seed(seed)
-    model = getattr(diffusers, family.class_name)(**family.config)
+    model: torch.nn.Module = getattr(diffusers, family.class_name)(**{**family.config, **overrides})
     return model.eval()
 
 
@@ -424,100 +425,18 @@ def run(family: Family, model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
         return family.output(model(**inputs(family, seed, model)))
 
 
-# --- full tiny pipelines (text encoders from tests/transformers_models.py) ---------------------------------------
-
-
-def t5_tokenizer() -> Any:
-    """An offline T5 tokenizer: pad, eos, unk, the word boundary and the lowercase letters."""
-    import string
-
-    from transformers import T5Tokenizer
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [(c, -3.0) for c in string.ascii_lowercase]
-    try:
-        return T5Tokenizer(vocab=vocab)  # transformers 5
-    except TypeError:  # transformers 4 builds the slow one from a sentencepiece file: use the fast one
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import T5TokenizerFast
-
-        backend = Tokenizer(models.Unigram(vocab, unk_id=2))
-        backend.pre_tokenizer = pre_tokenizers.Metaspace()
-        return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-
-
-def stable_diffusion_pipeline() -> Any:
-    """StableDiffusionPipeline: UNet (8 attention layers), VAE (2), CLIP text encoder (2 layers)."""
-    import transformers_models as tm
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    unet_config = dict(FAMILIES["unet"].config, cross_attention_dim=64)  # the CLIP hidden size
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**unet_config)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(**FAMILIES["vae"].config)
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=tm.clip_text(),
-        tokenizer=tm.clip_tokenizer(),
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def flux_pipeline() -> Any:
-    """FluxPipeline: transformer (2 attention layers), VAE (1), CLIP and T5 text encoders."""
-    import transformers_models as tm
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    transformer_config = dict(
-        FAMILIES["flux"].config, in_channels=4, joint_attention_dim=64, pooled_projection_dim=64
-    )  # latents of a 1-channel VAE packed 2x2; T5 d_model and CLIP hidden size 64
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(**transformer_config)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4,),
-        layers_per_block=1,
-        latent_channels=1,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        text_encoder=tm.clip_text(),
-        text_encoder_2=tm.t5_encoder(),
-        tokenizer=tm.clip_tokenizer(),
-        tokenizer_2=t5_tokenizer(),
-        transformer=transformer,
-        vae=vae,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def run_pipeline(pipe: Any) -> torch.Tensor:
-    """Two denoising steps on a fixed prompt and seed; returns the image tensor (batch, 3, H, W)."""
+def run_pipeline(pipe: Any, steps: int = 2) -> torch.Tensor:
+    """``steps`` denoising steps of a :mod:`attnpatch.testing.tiny` pipeline on a fixed prompt and seed; returns
+    the images (batch, 3, 32, 32)."""
     from diffusers import FluxPipeline
 
-    kwargs: dict[str, Any] = {"height": 32, "width": 32}
-    if isinstance(pipe, FluxPipeline):
-        kwargs = {"height": 8, "width": 8, "max_sequence_length": 16}
+    kwargs: dict[str, Any] = {"max_sequence_length": 16} if isinstance(pipe, FluxPipeline) else {}
     with torch.no_grad():
         return pipe(
             "a cat",
-            num_inference_steps=2,
+            num_inference_steps=steps,
+            height=32,
+            width=32,
             output_type="pt",
             generator=torch.Generator().manual_seed(0),
             **kwargs,

@@ -18,13 +18,17 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import string
+import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from attnpatch.testing import diffusers_models  # imports neither library until a model is built
 
 # Characters the offline tokenizers know; anything else becomes the unknown token. Small enough that every
 # token id fits the tiny models' 128-entry embedding tables.
@@ -90,16 +94,39 @@ def clip_tokenizer(max_length: int = 16) -> Any:
     for ch in _CHARS.replace(" ", ""):
         vocab[ch] = len(vocab)
         vocab[ch + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    if _transformers_major() >= 5:
+        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    directory = tempfile.mkdtemp(prefix="attnpatch-clip-tokenizer-")  # transformers 4 reads files only
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(
+        os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=max_length
+    )
 
 
 def t5_tokenizer(max_length: int = 16) -> Any:
-    """A T5Tokenizer (unigram) over single characters, built offline."""
-    from transformers import T5Tokenizer
-
+    """A T5 tokenizer (unigram) over single characters, built offline."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(ch, -3.0) for ch in _CHARS if ch != " "]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+    if _transformers_major() >= 5:
+        from transformers import T5Tokenizer
+
+        return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+    # transformers 4 builds the slow tokenizer from a sentencepiece file only: the fast one from a unigram model.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined]  # transformers 4 only
+
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    return T5TokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=max_length
+    )
+
+
+def _transformers_major() -> int:
+    return int(importlib.metadata.version("transformers").split(".")[0])
 
 
 def llama_tokenizer() -> Any:
@@ -115,57 +142,22 @@ def llama_tokenizer() -> Any:
 
 
 def clip_text_model(seed: int = 0) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """CLIPTextModel: 2 layers, 4 heads, hidden size 32."""
+    from attnpatch.testing import transformers_models
 
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=32,
-        projection_dim=32,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return CLIPTextModel(config).eval()
+    return transformers_models.clip_text(width=32, seed=seed)
 
 
 def t5_encoder(seed: int = 0) -> Any:
-    from transformers import T5Config, T5EncoderModel
+    """T5EncoderModel: 2 layers, 4 heads of 8, d_model 32."""
+    from attnpatch.testing import transformers_models
 
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=VOCAB_SIZE,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-    )
-    return T5EncoderModel(config).eval()
+    return transformers_models.t5_encoder(width=32, seed=seed)
 
 
 def vae(seed: int = 0, **config: Any) -> Any:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    model: Any = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=32,
-        **config,
-    )
-    return model.eval()
+    """AutoencoderKL: 2 blocks (32, 64 channels); its mid block has one attention layer each side."""
+    return diffusers_models.build(diffusers_models.FAMILIES["vae"], seed, **config)
 
 
 def unet(seed: int = 0) -> Any:
@@ -174,40 +166,12 @@ def unet(seed: int = 0) -> Any:
     2 heads (diffusers' legacy ``attention_head_dim`` is the head count here), so head dims are 16 and 32: multiples
     of 8, which fused GPU kernels (flash, cuDNN, sage) need, so the demo exercises them on a GPU.
     """
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    model: Any = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=2,
-        norm_num_groups=32,
-    )
-    return model.eval()
+    return diffusers_models.build(diffusers_models.FAMILIES["unet"], seed, attention_head_dim=2)
 
 
 def flux_transformer(seed: int = 0) -> Any:
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    model: Any = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 4, 8),
-    )
-    return model.eval()
+    """FluxTransformer2DModel: one double-stream and one single-stream block, 2 heads of 16."""
+    return diffusers_models.build(diffusers_models.FAMILIES["flux"], seed)
 
 
 def stable_diffusion_pipeline(seed: int = 0) -> Any:
@@ -250,22 +214,11 @@ def flux_pipeline(seed: int = 0) -> Any:
 
 def llama(seed: int = 0) -> tuple[Any, Any]:
     """(LlamaForCausalLM, tokenizer): 2 layers, 4 query heads over 2 key/value heads (GQA), left padding."""
-    with _quiet():
-        from transformers import LlamaConfig, LlamaForCausalLM
+    from attnpatch.testing import transformers_models
 
-        torch.manual_seed(seed)
+    with _quiet():
         tokenizer = llama_tokenizer()
-        config = LlamaConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        model = LlamaForCausalLM(config).eval()
+        model = transformers_models.llama(seed=seed)
+    # The tokenizer's special ids are the catalogue's: unknown/padding 0, start 1, end 2.
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     return model, tokenizer

@@ -1,14 +1,12 @@
-"""Tiny transformers models and an offline tokenizer for tests: built from config, no download, CPU, fast.
+"""Tiny transformers models for tests, built from config: no download, CPU, fast.
 
-Each builder seeds torch so two builds give the same weights, and works on every transformers version the
-patcher supports (4.48+), or raises ImportError naming what the installed version lacks.
+Each builder seeds torch (``seed``) so two builds give the same weights, and works on every transformers version
+the patcher supports, or raises ImportError naming what the installed version lacks. Offline tokenizers and the
+pipelines that use these models are in :mod:`attnpatch.testing.tiny`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from typing import Any
 
 import torch
@@ -16,8 +14,8 @@ import transformers
 
 TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2])
 
-# Shared decoder sizes (DESIGN.md): 2 layers, 4 query heads over 2 key/value heads (GQA), head_dim 16.
-_DECODER = dict(
+# Shared decoder sizes: 2 layers, 4 query heads over 2 key/value heads (GQA), head_dim 16.
+DECODER: dict[str, Any] = dict(
     vocab_size=128,
     hidden_size=64,
     intermediate_size=128,
@@ -30,9 +28,12 @@ _DECODER = dict(
 )
 
 
-def _build(model_cls: type, config: Any) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return model_cls(config).eval()
+def _build(model_cls: type, config_cls: Any, seed: int = 0, **config: Any) -> torch.nn.Module:
+    # config_cls is typed Any: transformers 5's typed configs do not declare the keywords every config takes
+    # (attn_implementation) in their signatures.
+    torch.manual_seed(seed)
+    model: torch.nn.Module = model_cls(config_cls(**config)).eval()
+    return model
 
 
 def left_padded_ids() -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,17 +42,27 @@ def left_padded_ids() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, (ids != 0).long()
 
 
-def llama(attn_implementation: str = "sdpa") -> torch.nn.Module:
+def llama(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """Llama: 2 layers, 4 query heads over 2 key/value heads (GQA), head_dim 16."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return _build(LlamaForCausalLM, LlamaConfig(**_DECODER, attn_implementation=attn_implementation))
+    return _build(
+        LlamaForCausalLM,
+        LlamaConfig,
+        seed,
+        **DECODER,
+        max_position_embeddings=128,
+        attn_implementation=attn_implementation,
+    )
 
 
 def bert(attn_implementation: str = "sdpa") -> torch.nn.Module:
     """BERT: bidirectional, padding mask. Its 4.5x SDPA layer calls F.sdpa from a decorated forward."""
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(
+    return _build(
+        BertModel,
+        BertConfig,
         vocab_size=128,
         hidden_size=64,
         intermediate_size=128,
@@ -59,31 +70,35 @@ def bert(attn_implementation: str = "sdpa") -> torch.nn.Module:
         num_attention_heads=4,
         attn_implementation=attn_implementation,
     )
-    return _build(BertModel, config)
 
 
 def gemma2(softcap: float | None = 50.0, attn_implementation: str = "eager") -> torch.nn.Module:
     """Gemma2 (soft-capped attention logits by default). transformers 5 runs it eager only."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    config = Gemma2Config(
-        **_DECODER,
+    return _build(
+        Gemma2ForCausalLM,
+        Gemma2Config,
+        **DECODER,
         head_dim=16,
         attn_logit_softcapping=softcap,
         final_logit_softcapping=None,
         sliding_window=4,
         attn_implementation=attn_implementation,
     )
-    return _build(Gemma2ForCausalLM, config)
 
 
-def clip_text(attn_implementation: str = "sdpa") -> torch.nn.Module:
+def clip_text(attn_implementation: str = "sdpa", width: int = 64, seed: int = 0) -> torch.nn.Module:
+    """CLIP text encoder: 2 layers, 4 heads, hidden size ``width``."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(
+    return _build(
+        CLIPTextModel,
+        CLIPTextConfig,
+        seed,
         vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=32,
@@ -93,43 +108,23 @@ def clip_text(attn_implementation: str = "sdpa") -> torch.nn.Module:
         pad_token_id=1,
         attn_implementation=attn_implementation,
     )
-    return _build(CLIPTextModel, config)
 
 
-def clip_tokenizer() -> Any:
-    """An offline CLIP BPE tokenizer: start/end tokens, the letters, and each letter ending a word."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for letter in "abcdefghijklmnopqrstuvwxyz":
-        vocab[letter] = len(vocab)
-        vocab[letter + "</w>"] = len(vocab)
-    if TRANSFORMERS_VERSION >= (5, 0):
-        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
-    # transformers 4 builds the tokenizer from files only.
-    directory = tempfile.mkdtemp(prefix="attnpatch-clip-tok-")
-    vocab_file = os.path.join(directory, "vocab.json")
-    merges_file = os.path.join(directory, "merges.txt")
-    with open(vocab_file, "w") as f:
-        json.dump(vocab, f)
-    with open(merges_file, "w") as f:
-        f.write("#version: 0.2\n")
-    return CLIPTokenizer(vocab_file, merges_file, model_max_length=16)
-
-
-def t5_encoder(attn_implementation: str | None = None) -> torch.nn.Module:
-    """T5 encoder; attn_implementation None = sdpa where the version has it for T5 (5.15+), else eager."""
+def t5_encoder(attn_implementation: str | None = None, width: int = 64, seed: int = 0) -> torch.nn.Module:
+    """T5 encoder (2 layers, 4 heads, d_model ``width``); attn_implementation None = sdpa where the version has
+    it for T5 (5.15+), else eager."""
     from transformers import T5Config, T5EncoderModel
 
     implementation = attn_implementation or _sdpa_or_eager(T5EncoderModel)
-    return _build(T5EncoderModel, T5Config(**_T5, attn_implementation=implementation))
+    sizes = dict(_T5, d_model=width, d_kv=width // 4, d_ff=2 * width)
+    return _build(T5EncoderModel, T5Config, seed, **sizes, attn_implementation=implementation)
 
 
 def umt5_encoder(attn_implementation: str | None = None) -> torch.nn.Module:
     from transformers import UMT5Config, UMT5EncoderModel
 
     implementation = attn_implementation or _sdpa_or_eager(UMT5EncoderModel)
-    return _build(UMT5EncoderModel, UMT5Config(**_T5, attn_implementation=implementation))
+    return _build(UMT5EncoderModel, UMT5Config, **_T5, attn_implementation=implementation)
 
 
 def t5_seq2seq(attn_implementation: str | None = None) -> torch.nn.Module:
@@ -137,15 +132,18 @@ def t5_seq2seq(attn_implementation: str | None = None) -> torch.nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
 
     implementation = attn_implementation or _sdpa_or_eager(T5ForConditionalGeneration)
-    config = T5Config(**_T5, decoder_start_token_id=0, attn_implementation=implementation)
-    return _build(T5ForConditionalGeneration, config)
+    return _build(
+        T5ForConditionalGeneration, T5Config, **_T5, decoder_start_token_id=0, attn_implementation=implementation
+    )
 
 
 def _sdpa_or_eager(model_cls: type) -> str:
     return "sdpa" if getattr(model_cls, "_supports_sdpa", False) else "eager"
 
 
-_T5 = dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+_T5: dict[str, Any] = dict(
+    vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8
+)
 
 
 def qwen2_5_vl() -> torch.nn.Module:
@@ -154,10 +152,12 @@ def qwen2_5_vl() -> torch.nn.Module:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     except ImportError as exc:
         raise ImportError(f"transformers {transformers.__version__} has no Qwen2.5-VL (added in 4.49)") from exc
-    text = dict(_DECODER, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    text = dict(DECODER, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
     if TRANSFORMERS_VERSION >= (5, 0):
-        text = dict(_DECODER, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
-    config = Qwen2_5_VLConfig(
+        text = dict(DECODER, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
+    return _build(
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLConfig,
         text_config=text,
         vision_config=dict(
             depth=2,
@@ -177,7 +177,6 @@ def qwen2_5_vl() -> torch.nn.Module:
         vision_end_token_id=103,
         attn_implementation="sdpa",
     )
-    return _build(Qwen2_5_VLForConditionalGeneration, config)
 
 
 def qwen2_5_vl_inputs() -> dict[str, torch.Tensor]:

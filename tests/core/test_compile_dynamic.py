@@ -12,7 +12,9 @@ import torch
 
 import attnpatch
 
-tm = pytest.importorskip("transformers_models")
+pytest.importorskip("transformers")
+
+from attnpatch.testing import transformers_models as tm
 
 
 def test_native_compiles_once_for_twenty_lengths() -> None:

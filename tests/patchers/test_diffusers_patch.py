@@ -20,13 +20,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 import diffusers  # noqa: E402
-import diffusers_models as dm  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from attnpatch import api  # noqa: E402
 from attnpatch.core import dispatch, hooks, registry, selection  # noqa: E402
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, state  # noqa: E402
 from attnpatch.patchers import diffusers as patcher  # noqa: E402
+from attnpatch.testing import diffusers_models as dm  # noqa: E402
+from attnpatch.testing import tiny  # noqa: E402
 
 ORIGINAL_SDPA = F.scaled_dot_product_attention
 HAS_DISPATCHER = hasattr(diffusers.models, "attention_dispatch") or "diffusers.models.attention_dispatch" in sys.modules
@@ -174,7 +175,7 @@ def _transformers_patcher() -> None:
 
 @pytest.mark.parametrize(
     "builder, denoiser",
-    [(dm.stable_diffusion_pipeline, "unet"), (dm.flux_pipeline, "transformer")],
+    [(tiny.stable_diffusion_pipeline, "unet"), (tiny.flux_pipeline, "transformer")],
     ids=["stable_diffusion", "flux"],
 )
 def test_full_pipeline_routes_every_component(builder: Any, denoiser: str) -> None:
@@ -509,7 +510,7 @@ def test_install_before_diffusers_is_imported_patches_by_import_hook() -> None:
         "import sys, attnpatch.api as api, attnpatch.core.hooks as d\n"
         "api.install('native')\n"
         "assert 'diffusers' not in sys.modules\n"
-        "import diffusers_models as dm\n"
+        "from attnpatch.testing import diffusers_models as dm\n"
         "records = []\n"
         "d.add_observer(records.append)\n"
         "for name in ('flux', 'unet'):\n"

@@ -28,13 +28,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import transformers_models as tm  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-less import mode)
-
 from attnpatch import api  # noqa: E402
 from attnpatch.core import dispatch, hooks, selection  # noqa: E402
 from attnpatch.core.hooks import CallRecord  # noqa: E402
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, state  # noqa: E402
 from attnpatch.patchers import transformers as patcher  # noqa: E402
+from attnpatch.testing import tiny  # noqa: E402
+from attnpatch.testing import transformers_models as tm  # noqa: E402
 
 VERSION = tm.TRANSFORMERS_VERSION
 HAS_GET_INTERFACE = hasattr(getattr(transformers.modeling_utils, "AttentionInterface", None), "get_interface")
@@ -103,7 +103,7 @@ def _llama_inputs() -> dict[str, Any]:
 
 
 def _clip_inputs() -> dict[str, Any]:
-    tokens = tm.clip_tokenizer()(["a photo of a cat", "a dog"], padding="max_length", return_tensors="pt")
+    tokens = tiny.clip_tokenizer()(["a photo of a cat", "a dog"], padding="max_length", return_tensors="pt")
     return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
@@ -576,7 +576,7 @@ def test_install_before_transformers_is_imported_patches_it_on_import() -> None:
         patcher.install()
         assert "transformers.modeling_utils" not in sys.modules
         sys.path.insert(0, sys.argv[1])
-        import transformers_models as tm
+        from attnpatch.testing import transformers_models as tm
         from attnpatch.core import dispatch, hooks, selection
         state.route_all = True
         calls = []
@@ -643,7 +643,7 @@ def test_native_is_bitwise_the_unpatched_gqa_decode(model_name: str) -> None:
     if model_name == "qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        config = Qwen2Config(**tm._DECODER, attn_implementation="sdpa")
+        config = Qwen2Config(**tm.DECODER, attn_implementation="sdpa")
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(config).eval()
     else:

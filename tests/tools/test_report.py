@@ -307,10 +307,10 @@ def test_child_processes_report_beside_the_parent_and_the_parent_counts_them(tmp
 
 @needs_models
 def test_layers_left_alone_are_listed_with_the_right_fix() -> None:
-    import diffusers_models as dm
     from diffusers.models.attention_processor import AttnProcessor
 
     from attnpatch import api
+    from attnpatch.testing import diffusers_models as dm
 
     fam = dm.FAMILIES["unet"]
     unet = dm.build(fam)

@@ -219,9 +219,8 @@ def lossy_cross(query: torch.Tensor, key: torch.Tensor, *rest: Any) -> torch.Ten
 
 def test_fallback_under_install_moves_only_the_failing_layers() -> None:
     pytest.importorskip("diffusers")
-    import diffusers_models as dm
-
     from attnpatch import api
+    from attnpatch.testing import diffusers_models as dm
 
     registry.register_backend("test_lossy_cross", lossy_cross, lossy=True, replace=True)
     fam = dm.FAMILIES["unet"]
