@@ -44,6 +44,21 @@ def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=g)
 
 
+def _latents_and_text(
+    latents: tuple[int, ...], text: tuple[int, ...], timesteps: list[int]
+) -> Callable[[torch.Generator], dict[str, Any]]:
+    """Inputs of a denoiser that takes latents, text embeddings and a timestep per sample, nothing else."""
+
+    def inputs(g: torch.Generator) -> dict[str, Any]:
+        return {
+            "hidden_states": _randn(g, *latents),
+            "encoder_hidden_states": _randn(g, *text),
+            "timestep": torch.tensor(timesteps),
+        }
+
+    return inputs
+
+
 def _unet_inputs(g: torch.Generator) -> dict[str, Any]:
     return {
         "sample": _randn(g, 2, 4, 16, 16),
@@ -98,14 +113,6 @@ def _qwen_inputs(g: torch.Generator) -> dict[str, Any]:
     }
 
 
-def _wan_inputs(g: torch.Generator) -> dict[str, Any]:
-    return {
-        "hidden_states": _randn(g, 1, 4, 2, 8, 8),
-        "encoder_hidden_states": _randn(g, 1, 6, 16),
-        "timestep": torch.tensor([10]),
-    }
-
-
 def _hunyuan_video_inputs(g: torch.Generator) -> dict[str, Any]:
     mask = torch.ones(2, 6)
     mask[1, 4:] = 0
@@ -133,22 +140,6 @@ def _ltx_inputs(g: torch.Generator) -> dict[str, Any]:
     }
 
 
-def _cogvideox_inputs(g: torch.Generator) -> dict[str, Any]:
-    return {
-        "hidden_states": _randn(g, 2, 1, 4, 8, 8),
-        "encoder_hidden_states": _randn(g, 2, 8, 8),
-        "timestep": torch.tensor([10, 20]),
-    }
-
-
-def _auraflow_inputs(g: torch.Generator) -> dict[str, Any]:
-    return {
-        "hidden_states": _randn(g, 1, 4, 16, 16),
-        "encoder_hidden_states": _randn(g, 1, 8, 32),
-        "timestep": torch.tensor([10]),
-    }
-
-
 def _pixart_inputs(g: torch.Generator) -> dict[str, Any]:
     mask = torch.ones(2, 8)
     mask[1, 6:] = 0
@@ -158,14 +149,6 @@ def _pixart_inputs(g: torch.Generator) -> dict[str, Any]:
         "encoder_hidden_states": _randn(g, 2, 8, 8),
         "encoder_attention_mask": mask,
         "added_cond_kwargs": {"aspect_ratio": None, "resolution": None},
-    }
-
-
-def _sana_inputs(g: torch.Generator) -> dict[str, Any]:
-    return {
-        "hidden_states": _randn(g, 2, 4, 8, 8),
-        "encoder_hidden_states": _randn(g, 2, 8, 8),
-        "timestep": torch.tensor([10, 20]),
     }
 
 
@@ -271,7 +254,7 @@ FAMILIES: dict[str, Family] = {
                 "qk_norm": "rms_norm_across_heads",
                 "rope_max_seq_len": 32,
             },
-            _wan_inputs,
+            _latents_and_text((1, 4, 2, 8, 8), (1, 6, 16), [10]),
         ),
         Family(
             "hunyuanvideo",
@@ -326,7 +309,7 @@ FAMILIES: dict[str, Family] = {
                 "temporal_compression_ratio": 4,
                 "max_text_seq_length": 8,
             },
-            _cogvideox_inputs,
+            _latents_and_text((2, 1, 4, 8, 8), (2, 8, 8), [10, 20]),
         ),
         Family(
             "auraflow",
@@ -344,7 +327,7 @@ FAMILIES: dict[str, Family] = {
                 "out_channels": 4,
                 "pos_embed_max_size": 64,
             },
-            _auraflow_inputs,
+            _latents_and_text((1, 4, 16, 16), (1, 8, 32), [10]),
         ),
         Family(
             "pixart",
@@ -385,7 +368,7 @@ FAMILIES: dict[str, Family] = {
                 "caption_channels": 8,
                 "sample_size": 8,
             },
-            _sana_inputs,
+            _latents_and_text((2, 4, 8, 8), (2, 8, 8), [10, 20]),
         ),
     )
 }

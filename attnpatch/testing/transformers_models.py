@@ -14,18 +14,16 @@ import transformers
 
 TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2])
 
+
 # Shared decoder sizes: 2 layers, 4 query heads over 2 key/value heads (GQA), head_dim 16.
-DECODER: dict[str, Any] = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+def _encoder(width: int) -> dict[str, Any]:
+    # 2 layers of 4 heads, hidden size ``width``, MLP twice as wide.
+    return dict(
+        vocab_size=128, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4
+    )
+
+
+DECODER: dict[str, Any] = dict(_encoder(64), num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def _build(model_cls: type, config_cls: Any, seed: int = 0, **config: Any) -> torch.nn.Module:
@@ -60,16 +58,7 @@ def bert(attn_implementation: str = "sdpa") -> torch.nn.Module:
     """BERT: bidirectional, padding mask. Its 4.5x SDPA layer calls F.sdpa from a decorated forward."""
     from transformers import BertConfig, BertModel
 
-    return _build(
-        BertModel,
-        BertConfig,
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        attn_implementation=attn_implementation,
-    )
+    return _build(BertModel, BertConfig, **_encoder(64), attn_implementation=attn_implementation)
 
 
 def gemma2(softcap: float | None = 50.0, attn_implementation: str = "eager") -> torch.nn.Module:
@@ -96,11 +85,7 @@ def clip_text(attn_implementation: str = "sdpa", width: int = 64, seed: int = 0)
         CLIPTextModel,
         CLIPTextConfig,
         seed,
-        vocab_size=128,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **_encoder(width),
         max_position_embeddings=32,
         projection_dim=32,
         bos_token_id=0,
