@@ -41,6 +41,7 @@ import torch
 from attnpatch.core import dispatch
 from attnpatch.core import selection as selection_module
 from attnpatch.core.versions import distribution_version, version_tuple
+from attnpatch.patchers import _diffusers_parallel as parallel
 from attnpatch.patchers import sdpa, state
 from attnpatch.patchers._base import Patcher, code_names
 from attnpatch.patchers._layers import chain_of, mark_of, site_of
@@ -321,14 +322,38 @@ def _wrap_dispatch(original: Callable[..., torch.Tensor]) -> Callable[..., torch
         *,
         backend: Any = None,
         **options: Any,
-    ) -> torch.Tensor:
-        """query: (batch, seq_q, heads, head_dim); key/value: (batch, seq_kv, heads_kv, head_dim)."""
+    ) -> Any:
+        """query: (batch, seq_q, heads, head_dim); key/value: (batch, seq_kv, heads_kv, head_dim).
+
+        Returns out (batch, seq_q, heads, head_dim_v); with attention_kwargs return_lse=True (out, lse (batch,
+        seq_q, heads) float32), the layout diffusers' context parallelism uses.
+        """
         if state.route_all or _scope.module is not None or _scope.context is not None:
             reason = _dispatch_passthrough_reason(attention_kwargs, backend, options)
+            parallel_config = options.get("parallel_config")
+            return_lse = bool(attention_kwargs and attention_kwargs.get("return_lse"))
+            if reason is None and parallel_config is not None:
+                args = (query, key, attn_mask, dropout_p, is_causal, enable_gqa)
+                reason = parallel.parallel_reason(parallel_config, *args)
+                if reason is None:
+                    return parallel.parallel_attention(
+                        query,
+                        key,
+                        value,
+                        attn_mask,
+                        dropout_p,
+                        is_causal,
+                        scale,
+                        enable_gqa,
+                        return_lse,
+                        parallel_config,
+                    )
             mask = attn_mask
             if reason is None and attn_mask is not None:
                 mask, reason = _dispatch_mask(attn_mask, query, key)
             if reason is None:
+                if return_lse:
+                    return parallel.lse_attention(query, key, value, mask, dropout_p, is_causal, scale, enable_gqa)
                 return sdpa.route(query, key, value, mask, dropout_p, is_causal, scale, enable_gqa)
             if not torch.compiler.is_compiling():
                 dispatch.note_passthrough(selection_module.current_site(), reason)
@@ -350,8 +375,9 @@ def _wrap_dispatch(original: Callable[..., torch.Tensor]) -> Callable[..., torch
     return dispatch_attention_fn
 
 
-# attention_kwargs entries that change nothing at their default value.
-_HARMLESS_DEFAULTS = {"return_lse": False}
+# attention_kwargs entries that we serve (return_lse: patchers/_diffusers_parallel.py), or that change nothing at
+# this value.
+_SERVED_KWARGS = {"return_lse"}
 
 
 def _dispatch_passthrough_reason(
@@ -360,13 +386,11 @@ def _dispatch_passthrough_reason(
     if backend is not None:
         name = getattr(backend, "value", backend)
         return f"the processor hard-codes diffusers backend {name!r} (diffusers' set_attention_backend)"
-    if options.get("parallel_config") is not None:
-        return "context-parallel parallel_config is set"
     extra = sorted(k for k, v in options.items() if v is not None and k != "parallel_config")
     if extra:
         return f"dispatch_attention_fn called with {', '.join(extra)}"
     if attention_kwargs:
-        asked = sorted(k for k, v in attention_kwargs.items() if _HARMLESS_DEFAULTS.get(k, object()) != v)
+        asked = sorted(k for k in attention_kwargs if k not in _SERVED_KWARGS)
         if asked:
             return f"attention_kwargs {', '.join(asked)} (not served by attnpatch backends)"
     return None

@@ -1,0 +1,269 @@
+"""A torchrun worker (gloo, CPU) for diffusers' context parallelism routed by attnpatch; rank 0 prints one JSON line.
+
+    torchrun --standalone --nproc_per_node 2 cp_worker.py model flux ulysses _native_math
+    torchrun --standalone --nproc_per_node 2 cp_worker.py attention ring native [--grad] [--mask]
+
+``model MODEL CP BACKEND``: a tiny Flux or Wan (from config, seed 0) with ``enable_parallelism`` (``CP`` is
+``ulysses`` or ``ring``, degree 2). It runs three times on the same inputs: the whole sequence in one process (the
+single-process result), diffusers' own context parallelism (its ``native`` backend: Ulysses only; its ring needs a
+log-sum-exp that no diffusers backend gives on a CPU, and the error it raises is reported), and the same parallel
+model applied to ``BACKEND`` with attnpatch. Reported: max absolute differences, the backends that served the calls
+attnpatch routed, its passthrough reasons.
+
+``attention CP BACKEND``: ``dispatch_attention_fn`` called directly with a ring or Ulysses ``ParallelConfig`` on
+each rank's shard of q/k/v (B, S, H, D), with ``return_lse``; the gathered output and log-sum-exp are compared
+with the whole-sequence float64 result. ``--grad``: q/k/v require grad, and the gathered gradients of a weighted
+sum are compared too. ``--mask``: a key-padding mask (batch, seq_kv) on each rank's keys.
+
+Every rank leaves with ``os._exit`` after flushing: gloo's threads can abort the interpreter's own teardown (see
+torchrun_probe.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+WORLD = 2
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    if argv[0] == "model":
+        return run_model(argv[1], argv[2], argv[3])
+    return run_attention(argv[1], argv[2], grad="--grad" in argv, mask="--mask" in argv)
+
+
+# --- tiny models ------------------------------------------------------------------------------------------------
+
+FLUX = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "axes_dims_rope": (4, 4, 8),
+}
+WAN = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 16,
+    "freq_dim": 256,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 32,
+}
+
+
+def build(name: str) -> torch.nn.Module:
+    import diffusers
+
+    torch.manual_seed(0)
+    if name == "flux":
+        return diffusers.FluxTransformer2DModel(**FLUX).eval()
+    return diffusers.WanTransformer3DModel(**WAN).eval()
+
+
+def inputs(name: str) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(1)
+    if name == "flux":  # 32 image tokens, 8 text tokens: both split in two by Flux's _cp_plan
+        return {
+            "hidden_states": torch.randn(1, 32, 16, generator=g),
+            "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
+            "pooled_projections": torch.randn(1, 32, generator=g),
+            "timestep": torch.tensor([1.0]),
+            "img_ids": torch.rand(32, 3, generator=g),
+            "txt_ids": torch.zeros(8, 3),
+        }
+    return {  # 2 frames x 4 x 4 patches = 32 tokens; the 6 text tokens stay whole (Wan's cross-attention)
+        "hidden_states": torch.randn(1, 4, 2, 8, 8, generator=g),
+        "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
+        "timestep": torch.tensor([10]),
+    }
+
+
+def forward(model: torch.nn.Module, name: str) -> torch.Tensor:
+    # return_dict=False: diffusers' context-parallel hook on the model itself accepts only tensors or tuples.
+    with torch.no_grad():
+        return model(**inputs(name), return_dict=False)[0]
+
+
+@contextlib.contextmanager
+def one_accelerator_for_the_cpu() -> Iterator[None]:
+    # diffusers 0.42.1 ModelMixin._resolve_parallel_config picks the rank's device as
+    # torch.device(device_type, rank % torch.accelerator.device_count()); a CPU-only torch counts 0 accelerators
+    # (ZeroDivisionError). Counted as one while enable_parallelism runs, the device is cpu:0 on every rank.
+    original = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = original  # type: ignore[assignment]
+
+
+def parallel(model: torch.nn.Module, cp: str) -> torch.nn.Module:
+    from diffusers import ContextParallelConfig
+
+    config = ContextParallelConfig(ring_degree=WORLD) if cp == "ring" else ContextParallelConfig(ulysses_degree=WORLD)
+    with one_accelerator_for_the_cpu():
+        model.enable_parallelism(config=config)
+    return model
+
+
+def max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return float((a.double() - b.double()).abs().max())
+
+
+def run_model(name: str, cp: str, backend: str) -> dict[str, Any]:
+    import attnpatch
+    from attnpatch.core import dispatch, hooks
+
+    single = forward(build(name), name)
+    model = parallel(build(name), cp)
+    result: dict[str, Any] = {"model": name, "cp": cp, "backend": backend}
+    try:
+        diffusers_cp: torch.Tensor | None = forward(model, name)
+        result["diffusers_error"] = None
+    except Exception as exc:  # diffusers' ring on a CPU: no backend of its gives the log-sum-exp
+        diffusers_cp = None
+        result["diffusers_error"] = f"{type(exc).__name__}: {exc}"
+
+    served: list[str] = []
+    observer = lambda record: served.append(record.served)  # noqa: E731
+    attnpatch.apply(model, backend)
+    hooks.add_observer(observer)
+    try:
+        routed = forward(model, name)
+    finally:
+        hooks.remove_observer(observer)
+        attnpatch.unapply(model)
+    result["routed_vs_single"] = max_diff(routed, single)
+    result["diffusers_vs_single"] = max_diff(diffusers_cp, single)
+    result["routed_vs_diffusers"] = max_diff(routed, diffusers_cp)
+    result["served"] = sorted(set(served))
+    result["calls"] = len(served)
+    result["passthroughs"] = sorted({reason for (_, reason) in dispatch.passthrough_counts()})
+    result["shape"] = list(routed.shape)
+    return result
+
+
+# --- one attention call -----------------------------------------------------------------------------------------
+
+
+def parallel_config(cp: str) -> Any:
+    from diffusers import ContextParallelConfig, ParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cp_config = (
+        ContextParallelConfig(ring_degree=WORLD) if cp == "ring" else ContextParallelConfig(ulysses_degree=WORLD)
+    )
+    mesh = init_device_mesh("cpu", cp_config.mesh_shape, mesh_dim_names=cp_config.mesh_dim_names)
+    config = ParallelConfig(context_parallel_config=cp_config)
+    config.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=mesh)
+    return config
+
+
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-sequence attention in float64: out (B, S, H, D) and the natural-log lse (B, S, H)."""
+    q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    lse = scores.logsumexp(-1)
+    out = torch.softmax(scores, -1) @ v
+    return out.transpose(1, 2), lse.transpose(1, 2)
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(WORLD)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=1)
+
+
+def run_attention(cp: str, backend: str, grad: bool, mask: bool) -> dict[str, Any]:
+    from diffusers.models import attention_dispatch
+
+    import attnpatch
+    from attnpatch.core import dispatch, hooks, selection
+
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(2)
+    batch, seq, heads, dim = 2, 24, 4, 16
+    q, k, v = (torch.randn(batch, seq, heads, dim, generator=g) for _ in range(3))
+    weight = torch.randn(batch, seq, heads, dim, generator=g)
+    keep = torch.ones(batch, seq, dtype=torch.bool)
+    keep[1, 17:] = False  # the second sequence's last keys are padding, on rank 1's shard
+    local = slice(rank * seq // WORLD, (rank + 1) * seq // WORLD)
+    lq, lk, lv = (x[:, local].clone().requires_grad_(grad) for x in (q, k, v))
+    local_mask = keep[:, local] if mask else None
+
+    served: list[str] = []
+    observer = lambda record: served.append(record.served)  # noqa: E731
+    config = parallel_config(cp)
+    result: dict[str, Any] = {"cp": cp, "backend": backend, "grad": grad, "mask": mask}
+    attnpatch.install(backend)  # every dispatch_attention_fn call routed, the process default set to BACKEND
+    hooks.add_observer(observer)
+    try:
+        with torch.set_grad_enabled(grad):
+            out, lse = attention_dispatch.dispatch_attention_fn(
+                lq, lk, lv, attn_mask=local_mask, attention_kwargs={"return_lse": True}, parallel_config=config
+            )
+            if grad:
+                (out * weight[:, local]).sum().backward()
+    finally:
+        hooks.remove_observer(observer)
+    expected_out, expected_lse = reference(q, k, v, keep if mask else None)
+    result["out"] = max_diff(gather(out.detach()), expected_out)
+    result["lse"] = max_diff(gather(lse.detach()), expected_lse)
+    result["lse_dtype"] = str(lse.dtype)
+    result["lse_shape"] = list(lse.shape)
+    if grad:
+        full = [x.double().requires_grad_(True) for x in (q, k, v)]
+        ref_out, _ = reference(*full, keep if mask else None)
+        (ref_out * weight.double()).sum().backward()
+        for name, mine, ref in zip("qkv", (lq, lk, lv), full, strict=True):
+            assert mine.grad is not None and ref.grad is not None
+            result[f"grad_{name}"] = max_diff(gather(mine.grad), ref.grad)
+    result["served"] = sorted(set(served))
+    result["calls"] = len(served)
+    result["passthroughs"] = sorted({reason for (_, reason) in dispatch.passthrough_counts()})
+    result["selection"] = str(selection.default_chain())
+    return result
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    try:
+        line: Any = main(sys.argv[1:])
+    except Exception as exc:
+        line = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    lines: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, line)
+    if dist.get_rank() == 0:
+        print(json.dumps({"ranks": lines}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # gloo's threads can abort the interpreter's own teardown (SIGABRT, about one run in five): leave without it.
+    os._exit(0)
