@@ -20,6 +20,7 @@ import fnmatch
 import gc
 import importlib
 import importlib.util
+import os
 import sys
 import warnings
 import weakref
@@ -61,8 +62,14 @@ class _Layer:
     library: str
 
 
-def apply(obj: T, backend: str | Mapping[str, str | None] | None = None) -> T:
-    """Route the attention of ``obj`` to ``backend``; returns ``obj``.
+def apply(
+    obj: T,
+    backend: str | Mapping[str, str | None] | None = None,
+    *,
+    plan: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    steps: int | None = None,
+) -> T:
+    """Route the attention of ``obj`` to ``backend``, or as ``plan`` says; returns ``obj``.
 
     obj: a diffusers pipeline (every component in ``obj.components``), a diffusers or transformers model, or
         any ``torch.nn.Module`` containing them.
@@ -76,14 +83,28 @@ def apply(obj: T, backend: str | Mapping[str, str | None] | None = None) -> T:
         specific wins (most non-wildcard characters), then the later key. ``None`` as a value leaves the
         matched layers unrouted. Layers that no key matches are left as they are.
 
+    plan: an attention plan (docs/plans.md): the path of the JSON file ``python -m attnpatch tune`` wrote, or the
+        plan as a dict. Its rules choose each layer's backend, per denoising step where a rule says ``steps``.
+    steps: with a plan, the number of denoising steps, for rules counted from the end (``"-1:"``): needed for a
+        bare model; a pipeline's own count (``num_timesteps``) is used otherwise.
+
     Everything is validated before anything changes: an unknown backend name, or a key that matches no
     attention layer, raises and leaves ``obj`` untouched. Applying twice re-marks, never wraps twice.
     """
+    if plan is not None:
+        if backend is not None:
+            raise TypeError("apply() takes a backend or a plan, not both: a plan chooses each layer's backend itself")
+        from attnpatch.api import plan_apply
+
+        return plan_apply.apply_plan(obj, plan, steps)
+    if steps is not None:
+        raise TypeError("apply(steps=...) counts the steps of a plan: pass plan= too")
     roots = _roots(obj, "apply")
+    _drop_plan(obj)
     selections = _validate_selection(backend)
     patchers = _available_patchers()
     layers = _find_layers(roots, patchers)
-    plan = _plan(layers, selections, roots)
+    chosen = _plan(layers, selections, roots)
     if not layers:
         warnings.warn(_nothing_found_message(obj, roots, patchers), AttnpatchWarning, stacklevel=2)
         return obj
@@ -92,7 +113,7 @@ def apply(obj: T, backend: str | Mapping[str, str | None] | None = None) -> T:
         # Found again now that the patchers are installed: that also readies processor classes they had not
         # seen yet (a processor class defined outside diffusers).
         _find_layers(roots, patchers)
-        for layer, spec in plan:
+        for layer, spec in chosen:
             if spec is None:
                 _unmark(layer.module)
             else:
@@ -107,6 +128,7 @@ def apply(obj: T, backend: str | Mapping[str, str | None] | None = None) -> T:
 def unapply(obj: Any) -> Any:
     """Undo :func:`apply` on ``obj``; once nothing is routed any more, remove every patch. Returns ``obj``."""
     roots = _roots(obj, "unapply")
+    _drop_plan(obj)
     with _lock:
         for _, root in roots:
             for module in root.modules():
@@ -218,6 +240,28 @@ def _compiling() -> bool:
 def installed_patchers() -> list[str]:
     """Names of the libraries whose patchers are installed now (for the report and tests)."""
     return [p.__name__.rsplit(".", 1)[-1] for p in _installed_patchers]
+
+
+def _drop_plan(obj: Any) -> None:
+    # A plan applied to obj before: its step hooks would re-mark the layers that apply/unapply set now.
+    plan_apply = sys.modules.get(f"{__name__}.plan_apply")
+    if plan_apply is not None:
+        plan_apply.remove(obj)
+
+
+def components(obj: Any) -> list[tuple[str, Any]]:
+    """(component name, nn.Module) pairs of a pipeline, or ``[("", obj)]`` for a model; raises TypeError else."""
+    return _roots(obj, "apply")
+
+
+def attention_layers(obj: Any) -> list[tuple[str, Any]]:
+    """(qualified name, module) of every attention layer of ``obj`` that apply would mark, in model order."""
+    return [(layer.site, layer.module) for layer in _find_layers(_roots(obj, "apply"), _available_patchers())]
+
+
+def is_pipeline(obj: Any) -> bool:
+    """Whether ``obj`` is a diffusers pipeline (without importing diffusers)."""
+    return _is_pipeline(obj)
 
 
 # --- finding things -------------------------------------------------------------------------------------------
