@@ -1,19 +1,25 @@
 """A torchrun worker (gloo, CPU) for diffusers' context parallelism routed by attnpatch; rank 0 prints one JSON line.
 
-    torchrun --standalone --nproc_per_node 2 cp_worker.py model flux ulysses _native_math
-    torchrun --standalone --nproc_per_node 2 cp_worker.py attention ring native [--grad] [--mask]
+    torchrun --standalone --nproc_per_node 2 cp_worker.py CASE [CASE ...]
 
-``model MODEL CP BACKEND``: a tiny Flux or Wan (from config, seed 0) with ``enable_parallelism`` (``CP`` is
+Each CASE runs in turn on the same process group, with attnpatch uninstalled and its counts reset in between:
+
+``model:MODEL:CP:BACKEND``: a tiny Flux or Wan (from config, seed 0) with ``enable_parallelism`` (``CP`` is
 ``ulysses`` or ``ring``, degree 2). It runs three times on the same inputs: the whole sequence in one process (the
 single-process result), diffusers' own context parallelism (its ``native`` backend: Ulysses only; its ring needs a
 log-sum-exp that no diffusers backend gives on a CPU, and the error it raises is reported), and the same parallel
 model applied to ``BACKEND`` with attnpatch. Reported: max absolute differences, the backends that served the calls
-attnpatch routed, its passthrough reasons.
+attnpatch routed, its fallbacks and passthrough reasons.
 
-``attention CP BACKEND``: ``dispatch_attention_fn`` called directly with a ring or Ulysses ``ParallelConfig`` on
-each rank's shard of q/k/v (B, S, H, D), with ``return_lse``; the gathered output and log-sum-exp are compared
-with the whole-sequence float64 result. ``--grad``: q/k/v require grad, and the gathered gradients of a weighted
-sum are compared too. ``--mask``: a key-padding mask (batch, seq_kv) on each rank's keys.
+``attention:CP:BACKEND[:grad][:mask][:nolse]``: ``dispatch_attention_fn`` called directly with a ring or Ulysses
+``ParallelConfig`` on each rank's shard of q/k/v (B, S, H, D), with ``return_lse`` (not with ``nolse``), first
+unpatched (diffusers' own result, without return_lse, which its native backend refuses) and then with attnpatch
+installed on ``BACKEND``. The gathered output and log-sum-exp are compared with the whole-sequence float64 result
+and with diffusers' own. ``grad``: q/k/v require grad, and the gathered gradients of a weighted sum are compared
+too. ``mask``: a key-padding mask (batch, seq_kv) on each rank's keys.
+
+BACKEND may be one of two user backends registered here: ``user_plain`` (F.sdpa, declares no return_lse: ring
+steps fall back) and ``user_lse`` (float64 math that declares return_lse: it serves ring steps itself).
 
 Every rank leaves with ``os._exit`` after flushing: gloo's threads can abort the interpreter's own teardown (see
 torchrun_probe.py).
@@ -36,10 +42,59 @@ import torch.distributed as dist
 WORLD = 2
 
 
-def main(argv: list[str]) -> dict[str, Any]:
-    if argv[0] == "model":
-        return run_model(argv[1], argv[2], argv[3])
-    return run_attention(argv[1], argv[2], grad="--grad" in argv, mask="--mask" in argv)
+def main(cases: list[str]) -> list[dict[str, Any]]:
+    import attnpatch
+    from attnpatch.core import dispatch
+
+    register_user_backends()
+    results = []
+    for case in cases:
+        kind, *args = case.split(":")
+        dispatch.reset_fallbacks()
+        try:
+            if kind == "model":
+                result = run_model(*args[:3])
+            else:
+                result = run_attention(
+                    args[0], args[1], grad="grad" in args, mask="mask" in args, lse="nolse" not in args
+                )
+        except Exception as exc:
+            result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        finally:
+            attnpatch.uninstall()
+        result["case"] = case
+        result["fallbacks"] = sorted(
+            f"{refusing} -> {serving}: {reason}" for (_, refusing, serving, reason) in dispatch.fallback_counts()
+        )
+        result["passthroughs"] = sorted({reason for (_, reason) in dispatch.passthrough_counts()})
+        results.append(result)
+    return results
+
+
+def register_user_backends() -> None:
+    import torch.nn.functional as F
+
+    import attnpatch
+
+    def plain(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):  # type: ignore[no-untyped-def]
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        )
+        return out.transpose(1, 2)
+
+    def with_lse(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, return_lse=False):  # type: ignore[no-untyped-def]
+        dtype = q.dtype
+        q, k, v = (x.transpose(1, 2).double() for x in (q, k, v))
+        scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        lse = scores.logsumexp(-1)
+        out = (torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ v).transpose(1, 2).to(dtype)
+        return (out, lse.transpose(1, 2).float()) if return_lse else out
+
+    attnpatch.register_backend("user_plain", plain, replace=True, masks={"none", "key_padding", "bool", "additive"})
+    attnpatch.register_backend("user_lse", with_lse, replace=True, return_lse=True, causal=False, dropout=False)
 
 
 # --- tiny models ------------------------------------------------------------------------------------------------
@@ -134,7 +189,7 @@ def max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
 
 def run_model(name: str, cp: str, backend: str) -> dict[str, Any]:
     import attnpatch
-    from attnpatch.core import dispatch, hooks
+    from attnpatch.core import hooks
 
     single = forward(build(name), name)
     model = parallel(build(name), cp)
@@ -160,7 +215,6 @@ def run_model(name: str, cp: str, backend: str) -> dict[str, Any]:
     result["routed_vs_diffusers"] = max_diff(routed, diffusers_cp)
     result["served"] = sorted(set(served))
     result["calls"] = len(served)
-    result["passthroughs"] = sorted({reason for (_, reason) in dispatch.passthrough_counts()})
     result["shape"] = list(routed.shape)
     return result
 
@@ -200,11 +254,11 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def run_attention(cp: str, backend: str, grad: bool, mask: bool) -> dict[str, Any]:
+def run_attention(cp: str, backend: str, grad: bool, mask: bool, lse: bool) -> dict[str, Any]:
     from diffusers.models import attention_dispatch
 
     import attnpatch
-    from attnpatch.core import dispatch, hooks, selection
+    from attnpatch.core import hooks
 
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(2)
@@ -214,40 +268,63 @@ def run_attention(cp: str, backend: str, grad: bool, mask: bool) -> dict[str, An
     keep = torch.ones(batch, seq, dtype=torch.bool)
     keep[1, 17:] = False  # the second sequence's last keys are padding, on rank 1's shard
     local = slice(rank * seq // WORLD, (rank + 1) * seq // WORLD)
-    lq, lk, lv = (x[:, local].clone().requires_grad_(grad) for x in (q, k, v))
-    local_mask = keep[:, local] if mask else None
+    config = parallel_config(cp)
+    result: dict[str, Any] = {}
+
+    def call(return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        # This rank's shard in, the gathered output, lse and q/k/v gradients out.
+        shards = [x[:, local].clone().requires_grad_(grad) for x in (q, k, v)]
+        kwargs = {"attention_kwargs": {"return_lse": True}} if return_lse else {}
+        with torch.set_grad_enabled(grad):
+            got = attention_dispatch.dispatch_attention_fn(
+                *shards, attn_mask=keep[:, local] if mask else None, parallel_config=config, **kwargs
+            )
+            out, lse_ = got if return_lse else (got, None)
+            if grad:
+                (out * weight[:, local]).sum().backward()
+        grads = [gather(x.grad) for x in shards if x.grad is not None]
+        return gather(out.detach()), None if lse_ is None else gather(lse_.detach()), grads
+
+    expected_out, expected_lse = reference(q, k, v, keep if mask else None)
+    expected_grads = []
+    if grad:
+        full = [x.double().requires_grad_(True) for x in (q, k, v)]
+        (reference(*full, keep if mask else None)[0] * weight.double()).sum().backward()
+        expected_grads = [x.grad for x in full]
+
+    try:
+        own_out, _, own_grads = call(return_lse=False)
+        result["diffusers_error"] = None
+        result["diffusers_out"] = max_diff(own_out, expected_out)
+    except Exception as exc:  # diffusers' ring on a CPU: its native backend gives no log-sum-exp
+        own_out, own_grads = None, []
+        result["diffusers_error"] = f"{type(exc).__name__}: {exc}"
 
     served: list[str] = []
     observer = lambda record: served.append(record.served)  # noqa: E731
-    config = parallel_config(cp)
-    result: dict[str, Any] = {"cp": cp, "backend": backend, "grad": grad, "mask": mask}
     attnpatch.install(backend)  # every dispatch_attention_fn call routed, the process default set to BACKEND
     hooks.add_observer(observer)
     try:
-        with torch.set_grad_enabled(grad):
-            out, lse = attention_dispatch.dispatch_attention_fn(
-                lq, lk, lv, attn_mask=local_mask, attention_kwargs={"return_lse": True}, parallel_config=config
-            )
-            if grad:
-                (out * weight[:, local]).sum().backward()
+        out, lse_out, grads = call(return_lse=lse)
+        result["routed_error"] = None
+    except Exception as exc:  # a call passed through to diffusers fails as diffusers' own does
+        result["routed_error"] = f"{type(exc).__name__}: {exc}"
+        return result
     finally:
         hooks.remove_observer(observer)
-    expected_out, expected_lse = reference(q, k, v, keep if mask else None)
-    result["out"] = max_diff(gather(out.detach()), expected_out)
-    result["lse"] = max_diff(gather(lse.detach()), expected_lse)
-    result["lse_dtype"] = str(lse.dtype)
-    result["lse_shape"] = list(lse.shape)
-    if grad:
-        full = [x.double().requires_grad_(True) for x in (q, k, v)]
-        ref_out, _ = reference(*full, keep if mask else None)
-        (ref_out * weight.double()).sum().backward()
-        for name, mine, ref in zip("qkv", (lq, lk, lv), full, strict=True):
-            assert mine.grad is not None and ref.grad is not None
-            result[f"grad_{name}"] = max_diff(gather(mine.grad), ref.grad)
-    result["served"] = sorted(set(served))
-    result["calls"] = len(served)
-    result["passthroughs"] = sorted({reason for (_, reason) in dispatch.passthrough_counts()})
-    result["selection"] = str(selection.default_chain())
+        result["served"] = sorted(set(served))
+        result["calls"] = len(served)
+    result["out"] = max_diff(out, expected_out)
+    result["routed_vs_diffusers"] = max_diff(out, own_out)
+    if lse_out is not None:
+        result["lse"] = max_diff(lse_out, expected_lse)
+        result["lse_dtype"] = str(lse_out.dtype)
+        result["lse_shape"] = list(lse_out.shape)
+    for name, mine, ref in zip("qkv"[: len(grads)], grads, expected_grads, strict=True):
+        result[f"grad_{name}"] = max_diff(mine, ref)
+    if own_grads:
+        for name, mine, own in zip("qkv", grads, own_grads, strict=True):
+            result[f"grad_{name}_vs_diffusers"] = max_diff(mine, own)
     return result
 
 
@@ -255,7 +332,7 @@ if __name__ == "__main__":
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     try:
         line: Any = main(sys.argv[1:])
-    except Exception as exc:
+    except Exception as exc:  # never hang the other rank: every rank reaches the gather below
         line = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     lines: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(lines, line)
