@@ -18,12 +18,13 @@ import torch
 from attnpatch.core import dispatch, registry
 from attnpatch.patchers._base import code_names
 
-# Keyword arguments the original functions honour and no dispatcher backend can: a call that carries one
-# (not None) runs the original code. Anything else in **kwargs is ignored by the originals too.
+# Keyword arguments a call may carry that the router does not hand to the dispatcher: a call that carries one
+# (not None) runs the original code. softcap and s_aux are routed where the function applies them (an eager function
+# that names softcap, gpt-oss's sinks eager function, flash and flex); anything else in **kwargs the originals ignore.
 PASSTHROUGH_KWARGS = {
-    "softcap": "attention logit soft-capping (softcap) is not served by attnpatch backends",
-    "s_aux": "attention sinks (s_aux) are not served by attnpatch backends",
-    "sinks": "attention sinks are not served by attnpatch backends",
+    "softcap": "logit soft-capping (softcap) given to a function that does not apply it: left to transformers",
+    "s_aux": "attention sinks (s_aux) given to a function that does not apply them: left to transformers",
+    "sinks": "attention sinks (sinks=) are not a keyword transformers' functions apply: left to transformers",
     "cu_seq_lens_q": "varlen attention (cu_seq_lens_q) is served by transformers' own kernel",
     "cu_seq_lens_k": "varlen attention (cu_seq_lens_k) is served by transformers' own kernel",
     "cache": "a paged KV cache (continuous batching) is updated inside transformers' attention function",
@@ -87,8 +88,12 @@ PLAIN_EAGER_PARAMS = frozenset(
 )
 
 
-def refusal(attention_mask: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-    """Why this call must run the original function, or None when the dispatcher can serve it."""
+def refusal(
+    attention_mask: Any, args: tuple[Any, ...], kwargs: dict[str, Any], served: frozenset[str] = frozenset()
+) -> str | None:
+    """Why this call must run the original function, or None when the dispatcher can serve it.
+
+    served: the keywords of PASSTHROUGH_KWARGS this function applies and the router hands to the dispatcher."""
     if args:
         return POSITIONAL
     if attention_mask is not None:
@@ -101,7 +106,7 @@ def refusal(attention_mask: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     if PASSTHROUGH_NAMES.isdisjoint(kwargs):  # the common call: none of those keywords at all
         return None
     for name, reason in PASSTHROUGH_KWARGS.items():
-        if kwargs.get(name) is not None:
+        if name not in served and kwargs.get(name) is not None:
             return reason
     return None
 
@@ -136,6 +141,29 @@ def plain_eager_refusal(fn: Callable[..., Any]) -> str | None:
         what = ", ".join(extra + unknown_params)
         return f"eager attention function {describe(fn)} does more than softmax attention (uses {what})"
     return None
+
+
+# gpt-oss's eager function: plain attention whose softmax also runs over one sink logit per head (module.sinks),
+# shifted by the row maximum (no change to the result), the sink's column dropped after the softmax.
+SINKS_EAGER_NAMES = PLAIN_EAGER_NAMES | {"F", "cat", "expand", "max", "reshape", "sinks", "values"}
+
+
+def sinks_eager(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is an eager function of gpt-oss's kind: softmax attention with ``module.sinks``."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    if code is None:
+        return False
+    names = set(code_names(code))
+    return "sinks" in names and names <= SINKS_EAGER_NAMES and set(parameters(fn)) <= PLAIN_EAGER_PARAMS
+
+
+def layer_sinks(module: Any, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The sink logits (heads_q,) a gpt-oss eager call reads from its layer, when the call passes the same tensor
+    as ``s_aux`` (as gpt-oss's attention does); None otherwise: then what the function reads is not known."""
+    sinks = kwargs.get("s_aux")
+    if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1:
+        return None
+    return sinks if sinks is getattr(module, "sinks", None) else None
 
 
 def parameters(fn: Callable[..., Any]) -> tuple[str, ...]:

@@ -2,41 +2,34 @@
 
 Where transformers looks up its attention function, by version:
 
-- 5.1+: every attention layer asks ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
-  eager_attention_forward)`` on each call. We wrap ``AttentionInterface.get_interface`` so it hands back, for
-  the same implementation name, a router around the function it would have returned. The name is kept, so
-  transformers still builds the masks that implementation expects (a new name without its own mask function
-  silently drops padding and causal masks).
-- 4.48-5.0: layers read ``ALL_ATTENTION_FUNCTIONS[name]`` (a dict, later an ``AttentionInterface``) or, for
-  ``eager``, the global ``eager_attention_forward`` of their own modeling module at call time. We replace the
-  ``sdpa`` entry and each modeling module's ``eager_attention_forward``.
+- 5.1+: each layer asks ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_fn)`` on each
+  call; the wrapped ``get_interface`` hands back a router around the function it would have returned. The name
+  is kept, so transformers still builds that implementation's masks (a new name silently drops them).
+- 4.48-5.0: layers read ``ALL_ATTENTION_FUNCTIONS[name]`` or, for ``eager``, the global ``eager_attention_forward``
+  of their own modeling module at call time. We replace the ``sdpa`` entry and each ``eager_attention_forward``.
 - 4.46-4.47, and layers of any version that call ``F.scaled_dot_product_attention`` themselves (falcon, sam,
   aimv2, the ``*SdpaAttention`` classes of 4.4x): each such method is wrapped in a scope of the SDPA redirect
   (:mod:`attnpatch.patchers.sdpa`), which sends the SDPA calls made inside it to the dispatcher.
 - Eager layers before 4.48 (and T5-family layers before 5.15) compute attention inline: not routed.
 
-The modeling modules are patched by post-import hooks registered at install, before transformers binds them.
-
-The function contract (all versions)::
+Modeling modules are patched by post-import hooks registered at install. The function contract (all versions)::
 
     fn(module, query, key, value, attention_mask, *, dropout, scaling, is_causal=None, **kwargs)
         query: (batch, heads, seq_q, head_dim); key/value: (batch, heads_kv, seq_kv, head_dim), not repeated
         -> (out (batch, seq_q, heads, head_dim_v), attention weights or None)
 
-A router sends a call to the dispatcher only when the layer (``module``) carries a selection
-(``MODULE_ATTR``) or routing is process-wide (``state.route_all``); otherwise it calls the original function
-with the very same arguments. A call with something no backend can honour goes to the original function too,
-counted with its reason (``dispatch.note_passthrough``): logit soft-capping, attention sinks, varlen
-``cu_seq_lens``, a paged cache, ``head_mask``, extra positional arguments, a mask that is not a tensor, and
-implementations we do not route (flash_attention_*, flex_attention, paged, custom kernels). A T5-style
+A router sends a call to the dispatcher only when the layer (``module``) carries a selection (``MODULE_ATTR``)
+or routing is process-wide (``state.route_all``); otherwise it calls the original function with the very same
+arguments. Routed: the sdpa function, plain eager functions (with ``softcap`` where they apply it), gpt-oss's
+eager function with its sinks, and the flash and flex functions under any implementation name (flash_attention_*,
+Hub flash kernels, flex_attention; their mask forms in :mod:`._transformers_forms`). A call with something no
+backend can honour goes to the original function, counted with its reason (``dispatch.note_passthrough``):
+varlen ``cu_seq_lens`` outside flash, a paged cache, ``head_mask``, extra positional arguments, a mask that is not
+a tensor, attention weights asked for, and functions we do not know (custom and non-flash Hub kernels). A T5-style
 ``position_bias`` is folded into an additive mask, as transformers' own sdpa and eager functions do.
 
-The eager implementation returns attention weights. A layer loaded with ``attn_implementation="eager"`` is
-routed only while nobody asked for those weights (``output_attentions``, as a call argument or in the
-layer's config); then the router returns ``None`` for the weights, as ``sdpa`` does. When weights are
-requested the call runs transformers' own eager code, counted as a passthrough, so a user never gets fewer
-outputs than they asked for. Only eager functions that are plain softmax attention are routed: one that uses
-attention sinks or rescales its output (gpt-oss, granite swa, ...) runs as it is, with a reason.
+An eager layer is routed only while nobody asked for its attention weights (``output_attentions``, as an argument,
+in the config, or by an output collector); it then returns ``None`` for them, as ``sdpa`` does.
 """
 
 from __future__ import annotations
@@ -57,6 +50,7 @@ from attnpatch.core import dispatch
 from attnpatch.core import selection as selection_module
 from attnpatch.core.versions import distribution_version, version_tuple
 from attnpatch.patchers import _transformers_calls as calls
+from attnpatch.patchers import _transformers_forms as forms
 from attnpatch.patchers import sdpa, state
 from attnpatch.patchers._base import Patcher, code_names
 from attnpatch.patchers._layers import chain_of, mark_of, site_of
@@ -100,11 +94,13 @@ def _route(
     site: str | None,
     eager: bool,
     position_bias: torch.Tensor | None,
+    extra: dict[str, Any],
 ) -> tuple[torch.Tensor, None]:
     """Run one call on the dispatcher with the semantics of transformers' sdpa (or eager) function.
 
     query (B, H, Sq, D), key/value (B, Hkv, Skv, D) -> (out (B, Sq, H, Dv) contiguous, None).
     position_bias: an additive term on the scores (T5 relative positions), (B|1, H, Sq, Skv), or None.
+    extra: the dispatcher's later arguments this function applies (softcap, sinks), or empty.
     """
     dropout = kwargs.get("dropout", 0.0)
     scaling = kwargs.get("scaling")
@@ -142,7 +138,7 @@ def _route(
     packed = 0
     if not eager and key.shape[1] != query.shape[1]:
         query, key, value, mask, packed = calls.gqa_as_transformers(module_chain, query, key, value, mask)
-    out = sdpa.route(
+    out = forms.route(
         query.transpose(1, 2),
         key.transpose(1, 2),
         value.transpose(1, 2),
@@ -151,8 +147,9 @@ def _route(
         bool(causal),
         scaling,
         key.shape[1] != query.shape[1],
-        module_chain=module_chain,
-        site=site,
+        module_chain,
+        site,
+        extra,
     )
     if packed:  # (B, n_rep, Hkv, Dv) of one query token -> (B, 1, H, Dv), as sdpa_attention_forward reshapes it
         out = out.transpose(1, 2).reshape(out.shape[0], -1, 1, out.shape[-1]).transpose(1, 2)
@@ -166,19 +163,24 @@ def _sdpa_router(original: AttentionFn) -> AttentionFn:
     return _attention_router(original, eager=False)
 
 
-def _eager_router(original: AttentionFn) -> AttentionFn:
-    return _attention_router(original, eager=True)
+def _eager_router(original: AttentionFn, sinks: str | None = None) -> AttentionFn:
+    return _attention_router(original, eager=True, sinks=sinks)
 
 
-def _attention_router(original: AttentionFn, eager: bool) -> AttentionFn:
-    """The router standing in for transformers' sdpa function or a plain eager one (``eager``).
+def _attention_router(original: AttentionFn, eager: bool, sinks: str | None = None) -> AttentionFn:
+    """The router standing in for transformers' sdpa function or an eager one (``eager``) that is plain softmax
+    attention, or gpt-oss's with its layer's sinks (``sinks``: why not to route a call that lacks them).
 
     sdpa never returns attention weights (it only warns about output_attentions), so routing it loses none; an
     eager call that asks for them runs the original. An eager function adds position_bias to the scores only if
     it names it (otherwise it lands in **kwargs); sdpa folds it with create_position_bias_mask (5.15+), and an
-    older sdpa drops it, which only its own code does the same way.
+    older sdpa drops it, which only its own code does the same way. Likewise softcap is applied (and routed) only
+    by an eager function that names it; sdpa raises on it (5.x) or ignores it, so such a call runs sdpa.
     """
     takes_bias = not eager or "position_bias" in calls.parameters(original)
+    served = {"softcap"} if eager and "softcap" in calls.parameters(original) else set()
+    served |= {"s_aux"} if sinks is not None else set()
+    applied = frozenset(served)
 
     @functools.wraps(original)
     def attnpatch_attention(
@@ -194,33 +196,26 @@ def _attention_router(original: AttentionFn, eager: bool) -> AttentionFn:
         if selection is None and not state.route_all and _scope.context is None:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         site = site_of(module)
-        reason = calls.refusal(attention_mask, args, kwargs)
+        reason = calls.refusal(attention_mask, args, kwargs, applied)
         position_bias = kwargs.get("position_bias") if takes_bias else None
+        extra: dict[str, Any] = {}
         if reason is None and eager and calls.weights_requested(module, kwargs):
             reason = calls.WEIGHTS_REQUESTED
         if reason is None and not eager and position_bias is not None and _create_position_bias_mask is None:
             reason = calls.BIAS_IGNORED
+        if reason is None and applied:
+            if "softcap" in applied and kwargs.get("softcap") is not None:
+                extra["softcap"] = float(kwargs["softcap"])
+            if sinks is not None:
+                extra["sinks"] = calls.layer_sinks(module, kwargs)
+                reason = sinks if extra["sinks"] is None else None
         if reason is not None:
             dispatch.note_passthrough(site, reason)
             return original(module, query, key, value, attention_mask, *args, **kwargs)
-        return _route(module, query, key, value, attention_mask, kwargs, selection, site, eager, position_bias)
+        return _route(module, query, key, value, attention_mask, kwargs, selection, site, eager, position_bias, extra)
 
     setattr(attnpatch_attention, _ROUTER_ATTR, original)
     return attnpatch_attention
-
-
-def _passthrough_router(original: AttentionFn, reason: str) -> AttentionFn:
-    # Implementations we do not route (flash_attention_*, flex_attention, paged, kernels from the Hub, eager
-    # functions that are more than softmax attention) still count their calls on selected layers, so the
-    # report can say why a layer did not reach the chosen backend.
-    @functools.wraps(original)
-    def attnpatch_passthrough_attention(module: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        if mark_of(module) is not None or state.route_all or _scope.context is not None:
-            dispatch.note_passthrough(site_of(module), reason)
-        return original(module, *args, **kwargs)
-
-    setattr(attnpatch_passthrough_attention, _ROUTER_ATTR, original)
-    return attnpatch_passthrough_attention
 
 
 def _router_for(fn: AttentionFn, implementation: str) -> AttentionFn:
@@ -238,15 +233,21 @@ def _router_for(fn: AttentionFn, implementation: str) -> AttentionFn:
         router = _sdpa_router(fn)
     elif implementation == "eager":
         refusal = calls.plain_eager_refusal(fn)
-        router = _eager_router(fn) if refusal is None else _passthrough_router(fn, refusal)
+        if refusal is None or calls.sinks_eager(fn):
+            router = _eager_router(fn, sinks=refusal)
+        else:
+            router = forms.passthrough_router(fn, refusal, _ROUTER_ATTR)
+    elif forms.form_of(fn) is not None:
+        router = forms.router(fn, forms.form_of(fn) or "", _ROUTER_ATTR)
     elif implementation == "sdpa":
-        router = _passthrough_router(
-            fn, f"attn_implementation='sdpa' is overridden by {calls.describe(fn)}: left as registered"
-        )
+        reason = f"attn_implementation='sdpa' is overridden by {calls.describe(fn)}: left as registered"
+        router = forms.passthrough_router(fn, reason, _ROUTER_ATTR)
     else:
-        router = _passthrough_router(
-            fn, f"attn_implementation={implementation!r} runs transformers' own kernel: not routed"
+        reason = (
+            f"attn_implementation={implementation!r} runs {calls.describe(fn)}, not one of transformers' sdpa, "
+            "eager, flash or flex functions that attnpatch routes: left as registered"
         )
+        router = forms.passthrough_router(fn, reason, _ROUTER_ATTR)
     return _routers.setdefault((fn, implementation), router)
 
 

@@ -1,0 +1,116 @@
+"""Issue 12, families: Gemma 2 (logit soft-capping, sliding layers), Gemma 3 (sliding layers), gpt-oss (attention
+sinks, s_aux), Mistral and Qwen2 (sliding windows) are routed, not passed through, on transformers' sdpa and eager
+implementations, within 2e-4 (float32) of the unpatched model on a left-padded batch, prefill and greedy decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import transformers_extra_models as xm
+
+from attnpatch import api
+from attnpatch.core import dispatch, hooks
+from attnpatch.core.hooks import CallRecord
+
+TOLERANCE = 2e-4
+# (family, implementation): the implementations each family loads with in transformers 5 (Gemma 2 and gpt-oss
+# refuse sdpa: it cannot soft-cap, it has no sinks).
+CASES = [
+    ("gemma2", "eager"),
+    ("gemma3", "sdpa"),
+    ("gemma3", "eager"),
+    ("gpt_oss", "eager"),
+    ("mistral", "sdpa"),
+    ("mistral", "eager"),
+    ("qwen2", "sdpa"),
+    ("qwen2", "eager"),
+]
+
+
+@contextmanager
+def recorded() -> Iterator[list[CallRecord]]:
+    records: list[CallRecord] = []
+    hooks.add_observer(records.append)
+    try:
+        yield records
+    finally:
+        hooks.remove_observer(records.append)
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**xm.left_padded()).logits
+
+
+@pytest.mark.parametrize("backend", ["native", "_native_math"])
+@pytest.mark.parametrize(("family", "implementation"), CASES, ids=[f"{f}-{i}" for f, i in CASES])
+def test_family_is_routed_and_matches_unpatched(family: str, implementation: str, backend: str) -> None:
+    model = xm.build_or_skip(xm.FAMILIES[family], implementation)
+    expected = logits(model)
+    api.apply(model, backend=backend)
+    try:
+        with recorded() as records:
+            got = logits(model)
+    finally:
+        api.unapply(model)
+    assert dispatch.passthrough_counts() == {}
+    assert [r.site for r in records] == xm.LAYERS
+    torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss", "mistral"])
+def test_greedy_decode_with_kv_cache_matches_unpatched(family: str) -> None:
+    # Decoding past the window: each step's mask comes from the sliding cache, each step routed.
+    model = xm.build_or_skip(xm.FAMILIES[family], "eager" if family != "mistral" else "sdpa")
+
+    def generate() -> object:
+        with torch.no_grad():
+            return model.generate(
+                **xm.left_padded(),
+                max_new_tokens=6,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+
+    unpatched = generate()
+    api.apply(model, backend="native")
+    try:
+        with recorded() as records:
+            routed = generate()
+    finally:
+        api.unapply(model)
+    assert dispatch.passthrough_counts() == {}
+    assert len(records) == 2 * 6
+    assert torch.equal(routed.sequences, unpatched.sequences)  # type: ignore[attr-defined]
+    for ours, theirs in zip(routed.scores, unpatched.scores, strict=True):  # type: ignore[attr-defined]
+        torch.testing.assert_close(ours, theirs, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+def test_softcap_and_sinks_change_the_result(family: str) -> None:
+    # The comparisons above could not fail if the dispatcher dropped softcap or sinks: show that both matter here.
+    model = xm.build_or_skip(xm.FAMILIES[family], "eager")
+    expected = logits(model)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if family == "gemma2":
+                layer.self_attn.attn_logit_softcapping = None
+            else:
+                layer.self_attn.sinks.fill_(-30.0)  # a sink of weight e^-30: as if there were none
+    assert (logits(model) - expected).abs().max() > 20 * TOLERANCE
+
+
+def test_window_changes_the_result() -> None:
+    model = xm.build_or_skip(xm.mistral, "sdpa")
+    expected = logits(model)
+    model.config.sliding_window = None
+    assert (logits(model) - expected).abs().max() > 100 * TOLERANCE
