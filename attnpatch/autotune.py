@@ -18,6 +18,9 @@ The cache: in memory, and on disk in ``$ATTNPATCH_CACHE_DIR`` or the user cache 
 version, device) named ``autotune-<hash>.json``. A file is rewritten after each tuned kind, so Ctrl-C keeps what
 was measured. ``python -m attnpatch cache show`` lists it; ``python -m attnpatch cache clear`` deletes it.
 
+:func:`measure` times candidates and measures their error against float64 on one call's inputs: what
+``python -m attnpatch tune`` writes into an attention plan (docs/plans.md).
+
 Cache file schema ``attnpatch.autotune/1``::
 
     {"schema": "attnpatch.autotune/1",
@@ -258,6 +261,45 @@ def time_backends(backends: list[Backend], args: tuple[Any, ...]) -> tuple[dict[
             spent += seconds
         rounds += 1
     return {name: min(times) for name, times in samples.items()}, errors
+
+
+def measure(backends: list[Backend], args: tuple[Any, ...]) -> dict[str, dict[str, Any]]:
+    """Each backend's fastest run on ``args`` and its error against float64, for plans (``attnpatch tune``).
+
+    args: the dispatcher's call, ``(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)`` with
+    query (batch, seq_q, heads, head_dim). Returns ``{name: {"seconds", "max_abs_err", "max_rel_err",
+    "within_tolerance"}}``, or ``{name: {"error": why}}`` for a backend that raised, returned a wrong shape or NaN.
+    The reference is :func:`attnpatch.verify.reference`; the first run of each backend gives its error (and warms
+    it up), then :func:`time_backends` times them. Runs under ``torch.no_grad`` and leaves the RNGs as they were.
+    """
+    from attnpatch import verify
+
+    query, key, value, attn_mask, _, is_causal, scale, _ = args
+    results: dict[str, dict[str, Any]] = {}
+    usable = []
+    devices = [query.device] if query.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        ref = verify.reference(query, key, value, attn_mask, is_causal, scale)
+        for backend in backends:
+            try:
+                out = backend.fn(*args)
+            except Exception as exc:  # a candidate that fails is measured as failing, never the user's call
+                results[backend.name] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+                continue
+            problem = verify.output_problem(out, ref)
+            atol, rtol = backend.caps.tolerance_for(query.dtype, scale, query.shape[-1])
+            max_abs, max_rel, worst = (0.0, 0.0, 0.0) if problem else verify.compare(out, ref, atol, rtol)
+            if problem or max_abs != max_abs:
+                results[backend.name] = {"error": problem or "the output holds NaN"}
+                continue
+            results[backend.name] = {"max_abs_err": max_abs, "max_rel_err": max_rel, "within_tolerance": worst <= 1}
+            usable.append(backend)
+        times, errors = time_backends(usable, args)
+    for name, seconds in times.items():
+        results[name] = {"seconds": seconds, **results[name]}
+    for name, error in errors.items():
+        results[name] = {"error": error}
+    return results
 
 
 def time_call(fn: Any, args: tuple[Any, ...]) -> float:

@@ -29,6 +29,12 @@ VARIABLES: tuple[Variable, ...] = (
         "flash  |  sage,flash,native  |  auto",
     ),
     Variable(
+        "ATTNPATCH_PLAN",
+        "Attention plan (python -m attnpatch tune writes one): each layer's backend per denoising step; setting it "
+        "activates the startup hook.",
+        "plan.json",
+    ),
+    Variable(
         "ATTNPATCH_DISABLE",
         "Off switch that wins over everything: the startup hook, the runner and install() do nothing.",
         "1",
@@ -97,6 +103,10 @@ def disabled() -> bool:
 
 def backend() -> str | None:
     return raw("ATTNPATCH_BACKEND")
+
+
+def plan() -> str | None:
+    return raw("ATTNPATCH_PLAN")
 
 
 def strict() -> bool:

@@ -2,12 +2,14 @@
 
 Installing attnpatch puts one line in site-packages (``sitecustomize/attnpatch-startup.pth``)::
 
-    import os; os.environ.get('ATTNPATCH_BACKEND') and __import__('attnpatch.startup').startup.run()
+    import os; (os.environ.get('ATTNPATCH_BACKEND') or os.environ.get('ATTNPATCH_PLAN')) and ...startup.run()
 
-With ATTNPATCH_BACKEND unset or empty this module is not even imported: interpreter start pays one dictionary
-lookup. With it set, :func:`run` reads every ``ATTNPATCH_*`` variable (:mod:`attnpatch.env`) and, unless
-ATTNPATCH_DISABLE is set, activates attnpatch: ``api.install(backend, strict=..., checks=...)`` plus the report,
-verify and autotune features whose variables are set. When:
+With ATTNPATCH_BACKEND and ATTNPATCH_PLAN unset or empty this module is not even imported: interpreter start pays
+two dictionary lookups. With either set, :func:`run` reads every ``ATTNPATCH_*`` variable (:mod:`attnpatch.env`)
+and, unless ATTNPATCH_DISABLE is set, activates attnpatch: ``api.install(backend, strict=..., checks=...)`` plus
+the report, verify, autotune and plan features whose variables are set (a plan is applied to each pipeline or
+model at its first forward call: attnpatch.api.plan_apply; ATTNPATCH_PLAN alone routes the layers it has no rule
+for to ``native``). When:
 
 - Normally at the first import of diffusers or transformers, just before the library's first line runs (so the
   patchers' post-import hooks are in place before any of its modules binds a name), or just after the first
@@ -58,6 +60,7 @@ LABELS = {
     "verify": ("ATTNPATCH_VERIFY", "--verify"),
     "verify_action": ("ATTNPATCH_VERIFY_ACTION", "--verify-action"),
     "autotune": ("ATTNPATCH_AUTOTUNE", "--autotune"),
+    "plan": ("ATTNPATCH_PLAN", "--plan"),
 }
 
 
@@ -67,7 +70,7 @@ class Settings:
     A plain class rather than a dataclass, to keep ``dataclasses`` (and ``inspect``) out of interpreter start.
     """
 
-    __slots__ = ("autotune", "backend", "checks", "from_cli", "report", "strict", "verify", "verify_action")
+    __slots__ = ("autotune", "backend", "checks", "from_cli", "plan", "report", "strict", "verify", "verify_action")
 
     def __init__(
         self,
@@ -79,6 +82,7 @@ class Settings:
         verify_action: str | None = None,  # warn | fallback | raise
         autotune: bool = False,
         from_cli: frozenset[str] = frozenset(),  # fields given on the runner's command line (for messages)
+        plan: str | None = None,  # path of an attention plan (attnpatch.api.plans)
     ) -> None:
         self.backend = backend
         self.strict = strict
@@ -88,6 +92,7 @@ class Settings:
         self.verify_action = verify_action
         self.autotune = autotune
         self.from_cli = from_cli
+        self.plan = plan
 
     def _values(self) -> tuple[object, ...]:
         # What is activated (every field but from_cli, which only changes how messages name things).
@@ -121,6 +126,7 @@ class Settings:
             verify=_value_if_on("ATTNPATCH_VERIFY"),
             verify_action=env.raw("ATTNPATCH_VERIFY_ACTION"),
             autotune=env.flag("ATTNPATCH_AUTOTUNE"),
+            plan=env.plan(),
         )
 
     def environ(self) -> dict[str, str | None]:
@@ -133,6 +139,7 @@ class Settings:
             "ATTNPATCH_VERIFY": self.verify,
             "ATTNPATCH_VERIFY_ACTION": self.verify_action,
             "ATTNPATCH_AUTOTUNE": "1" if self.autotune else None,
+            "ATTNPATCH_PLAN": self.plan,
         }
 
     def label(self, field: str) -> str:
@@ -165,6 +172,8 @@ def run() -> None:
     _ran = True
     try:
         settings = Settings.from_env()
+        if settings is not None and settings.backend is None and settings.plan is not None:
+            settings = settings.replace(backend="native")  # a plan alone: its rules choose, native elsewhere
         problem = activate(settings) if settings is not None and settings.backend is not None else None
     except Exception as exc:  # never break the user's interpreter start
         say(f"startup failed ({type(exc).__name__}: {exc}); {UNPATCHED}")
@@ -192,6 +201,8 @@ def activate(settings: Settings) -> str | None:
         except Exception as exc:
             say(f"activation failed ({type(exc).__name__}: {exc}); {UNPATCHED}")
             return None
+        if problem is None and settings.plan:
+            problem = _plan_problem(settings)
         if problem is not None:
             return problem
     if settings.report and not os.environ.get(REPORT_PARENT):
@@ -271,6 +282,16 @@ def _backend_problem(settings: Settings) -> str | None:
     return None
 
 
+def _plan_problem(settings: Settings) -> str | None:
+    """None when the plan file can be used (its backends are checked when it is applied), else one line."""
+    try:
+        from attnpatch.api import plans  # imports torch: strict mode only
+    except ModuleNotFoundError as exc:
+        return f"{settings.label('plan')} is set, but attnpatch.api.plans cannot be imported ({exc})"
+    problem = plans.problem(settings.plan)  # type: ignore[arg-type]
+    return None if problem is None else f"{settings.label('plan')}: {problem}"
+
+
 def _install(settings: Settings) -> None:
     global _active
     try:
@@ -297,6 +318,9 @@ def _undo() -> None:
     try:
         from attnpatch import api
 
+        plan_apply = sys.modules.get("attnpatch.api.plan_apply")
+        if plan_apply is not None:
+            plan_apply.deactivate()
         api.uninstall()
     except Exception as exc:
         say(f"could not undo the activation ({type(exc).__name__}: {exc})")
@@ -307,6 +331,7 @@ _FEATURES: tuple[tuple[str, str, Callable[[Any, Settings], None]], ...] = (
     ("report", "attnpatch.report", lambda module, s: module.enable(s.report)),
     ("verify", "attnpatch.verify", lambda module, s: module.enable(s.verify, s.verify_action)),
     ("autotune", "attnpatch.autotune", lambda module, s: module.enable()),
+    ("plan", "attnpatch.api.plan_apply", lambda module, s: module.activate(s.plan)),
 )
 
 

@@ -1,9 +1,9 @@
 """Command line: ``python -m attnpatch`` / ``attnpatch``. One module per subcommand, imported only when used.
 
-``list``, ``bench`` (``bench --overhead``: overhead.py), ``demo``, ``cache`` and ``hub`` are subcommands; anything
-else is the runner (``python -m attnpatch [options] script.py [args]``, run.py). Each module's ``main(argv) -> int``
-takes the arguments after the subcommand and returns the exit status. Adding a subcommand: a module here with
-``main`` and a line in :data:`SUBCOMMANDS`.
+``list``, ``bench`` (``bench --overhead``: overhead.py), ``demo``, ``cache``, ``hub`` and ``tune`` are subcommands;
+anything else is the runner (``python -m attnpatch [options] script.py [args]``, run.py). Each module's
+``main(argv) -> int`` takes the arguments after the subcommand and returns the exit status. Adding a subcommand: a
+module here with ``main`` and a line in :data:`SUBCOMMANDS`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # subcommand -> module of attnpatch.cli whose main(argv) runs it
-SUBCOMMANDS = {"list": "backends", "bench": "bench", "demo": "demo", "cache": "cache", "hub": "hub"}
+SUBCOMMANDS = {"list": "backends", "bench": "bench", "demo": "demo", "cache": "cache", "hub": "hub", "tune": "tune"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

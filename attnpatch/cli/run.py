@@ -28,6 +28,7 @@ PROG = "python -m attnpatch"
 USAGE = f"""\
 usage: {PROG} [options] [--] script.py [script args]
        {PROG} [options] -m module [module args]
+       {PROG} tune [tune options] script.py [args]
        {PROG} list | bench | demo | cache ..."""
 
 OPTIONS = """\
@@ -39,6 +40,7 @@ options (before the script):
   --verify[=N]           recompute sampled calls in float64: the first per module and shape, or every Nth
   --verify-action ACTION what a verify failure does: warn (default), fallback or raise
   --autotune             with backend auto (the default backend with --autotune): time the candidates
+  --plan PATH            attention plan (`python -m attnpatch tune` writes one): each layer's backend, per step
   --list                 list the backends and whether they run here, then exit
   --version              print attnpatch's version and exit
   -h, --help             show this help and exit
@@ -54,9 +56,9 @@ which arguments are attnpatch's:
   later one, --backend included, to the script. After the script it is passed on to the script, and nothing
   after it is taken.
   Options win over the environment variables. With no backend anywhere, calls go to native (to auto with
-  --autotune). An unknown backend name, a report path that cannot be written, or a --verify or --verify-action
-  value that means nothing is an error, exit status 2, before the script starts (named as you gave it: the
-  option, or the ATTNPATCH_* variable it came from)."""
+  --autotune). An unknown backend name, a report path that cannot be written, a plan file that cannot be used,
+  or a --verify or --verify-action value that means nothing is an error, exit status 2, before the script starts
+  (named as you gave it: the option, or the ATTNPATCH_* variable it came from)."""
 
 
 def help_text() -> str:
@@ -87,6 +89,7 @@ class Options:
     verify: str | None = None
     verify_action: str | None = None
     autotune: bool = False
+    plan: str | None = None
     list_backends: bool = False
     show_version: bool = False
     show_help: bool = False
@@ -103,6 +106,8 @@ class Options:
         merged = base.replace(**{name: getattr(self, name) for name in self.given}, from_cli=frozenset(self.given))
         if merged.backend is None:
             merged = merged.replace(backend="auto" if merged.autotune else "native")
+        if merged.plan:  # children may start in another folder
+            merged = merged.replace(plan=os.path.abspath(os.path.expanduser(merged.plan)))
         return merged
 
 
@@ -116,7 +121,7 @@ _FLAGS = {
     "-h": "show_help",
 }
 _VALUE_AFTER_EQUALS_ONLY = {"--report": "report", "--verify": "verify"}  # `--report script.py` runs script.py
-_VALUE = {"--backend": "backend", "--verify-action": "verify_action"}
+_VALUE = {"--backend": "backend", "--verify-action": "verify_action", "--plan": "plan"}
 
 
 def parse(argv: Sequence[str]) -> Options:
@@ -227,11 +232,24 @@ def main(argv: Sequence[str]) -> int:
         problem = startup.activate(settings)
         if problem is not None:
             return _usage_error(problem)
-    if opts.module:
-        _run_module(opts.target, opts.args)
-    else:
-        _run_path(opts.target, opts.args)
+    run_target(opts.target, opts.args, module=opts.module)
     return 0
+
+
+def run_target(target: str, args: list[str], *, module: bool = False) -> None:
+    """Run ``target`` (a path, ``-``, or with ``module`` a module name) as ``python`` would, in this process."""
+    if module:
+        _run_module(target, args)
+    else:
+        _run_path(target, args)
+
+
+def _plan_problem(value: str) -> str | None:
+    # The plan file's structure, globs and steps (its backends are checked when it is applied: the script may
+    # register its own). The one check here that imports torch, and only when a plan is given.
+    from attnpatch.api import plans
+
+    return plans.problem(value)
 
 
 # Settings field -> its check (attnpatch.cli._options), run before the script starts.
@@ -240,6 +258,7 @@ _CHECKS = (
     ("report", _options.report_problem),
     ("verify", _options.verify_problem),
     ("verify_action", _options.verify_action_problem),
+    ("plan", _plan_problem),
 )
 
 

@@ -13,6 +13,9 @@ are the site ``<direct>``. The table groups sites whose paths differ only in lay
 (``transformer_blocks.*.attn``); the JSON keeps every site. Layers a patcher leaves alone (a diffusers processor
 that computes the probabilities itself) are listed apart, with the fix.
 
+With an attention plan applied (attnpatch.api.plans), each row also says which rule chose the backend of its calls
+(``rules``: rule -> calls; a layer whose rule changes with the denoising step has several).
+
 Processes: the interpreters a run starts (multiprocessing spawn, subprocess, torchrun ranks) inherit
 ATTNPATCH_REPORT. The process that activated the report first is the run's parent (it sets
 ``ATTNPATCH_REPORT_PARENT`` to its pid for its children); every other process writes its own file beside the
@@ -79,6 +82,7 @@ class _Site:
     fallbacks: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (backend, reason, served_by)
     shapes: Counter[tuple[tuple[int, ...], tuple[int, ...], str, bool]] = field(default_factory=Counter)
     dtypes: Counter[str] = field(default_factory=Counter)
+    rules: Counter[str] = field(default_factory=Counter)  # the plan rule that chose the backend -> calls
     seconds: float = 0.0
 
 
@@ -220,6 +224,9 @@ def _observe(record: hooks.CallRecord) -> None:
                 site.fallbacks[(backend, reason, record.served)] += 1
         site.shapes[shape_key] += 1
         site.dtypes[dtype_name(record.query.dtype)] += 1
+        rule = hooks.selection_origin(site_name)
+        if rule is not None:
+            site.rules[rule] += 1
         if seconds is not None:
             site.seconds += seconds
 
@@ -272,6 +279,7 @@ def snapshot() -> dict[str, Any]:
                         for (q, k, m, c), n in site.shapes.items()
                     ],
                     "dtypes": dict(site.dtypes),
+                    "rules": dict(site.rules),
                     "passthrough": [{"reason": r, "calls": n} for r, n in passthrough.get(name, Counter()).items()],
                     "seconds": seconds,
                     "time_share": (seconds / total_seconds) if seconds is not None and total_seconds else None,

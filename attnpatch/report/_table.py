@@ -40,6 +40,7 @@ def format_table(data: dict[str, Any]) -> str:
                 "passthrough": 0,
                 "shapes": set(),
                 "dtypes": Counter(),
+                "rules": Counter(),
                 "seconds": None,
                 "verify": None,
             },
@@ -52,12 +53,16 @@ def format_table(data: dict[str, Any]) -> str:
         group["passthrough"] += sum(p["calls"] for p in site["passthrough"])
         group["shapes"].update((tuple(s["query"]), tuple(s["key"])) for s in site["shapes"])
         group["dtypes"].update(site["dtypes"])
+        group["rules"].update(site.get("rules") or {})
         if site["seconds"] is not None:
             group["seconds"] = (group["seconds"] or 0.0) + site["seconds"]
         if site["verify"] is not None:
             group["verify"] = _merge_verify(group["verify"], site["verify"])
     total = data["totals"]["attention_seconds"]
     headers = ["module", "n", "asked", "served", "calls", "fallback", "passthru", "shapes", "dtypes"]
+    planned = any(g["rules"] for g in groups.values())
+    if planned:
+        headers.append("rule")
     if data["timed"]:
         headers.append("time")
     if any(g["verify"] for g in groups.values()):
@@ -75,6 +80,8 @@ def format_table(data: dict[str, Any]) -> str:
             str(len(g["shapes"])),
             _counts(g["dtypes"]),
         ]
+        if planned:
+            row.append(_rules(g["rules"], g["calls"]))
         if data["timed"]:
             timed = total and g["calls"] and g["seconds"] is not None
             row.append(f"{100 * g['seconds'] / total:.1f}%" if timed else "-")
@@ -152,6 +159,15 @@ def _verify_cell(row: dict[str, Any] | None) -> str:
     status = "FAIL" if row["failed"] else "ok"
     moved = " -> native" if row.get("action") == "moved to native" else ""
     return f"{status} {row['max_abs']:.1e} ({row['worst']:.2g}x tol){moved}"
+
+
+def _rules(rules: Counter[str], calls: int) -> str:
+    # The plan rules that chose the row's backends, in the order they first served ("-": calls no rule chose).
+    cells = [f"{rule} ({n})" if len(rules) > 1 or n != calls else rule for rule, n in rules.items()]
+    unruled = calls - sum(rules.values())
+    if unruled > 0 and rules:
+        cells.append(f"- ({unruled})")
+    return "; ".join(cells) or "-"
 
 
 def _counts(counter: Counter[str]) -> str:
