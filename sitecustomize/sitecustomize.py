@@ -11,7 +11,7 @@ import sys
 
 
 def _activate() -> None:
-    if not os.environ.get("ATTNPATCH_BACKEND"):
+    if not (os.environ.get("ATTNPATCH_BACKEND") or os.environ.get("ATTNPATCH_PLAN")):
         return
     try:
         import attnpatch.startup
