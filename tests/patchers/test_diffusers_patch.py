@@ -439,14 +439,16 @@ def _outcome(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 @needs_dispatcher
-def test_return_lse_and_block_mask_pass_through_to_diffusers() -> None:
+def test_return_lse_on_a_hard_coded_backend_and_block_mask_pass_through_to_diffusers() -> None:
+    # return_lse itself is routed since #12 (tests/patchers/test_diffusers_parallel.py); a processor that
+    # hard-codes a diffusers backend still gets diffusers' own function, return_lse or not.
     from torch.nn.attention.flex_attention import create_block_mask
 
     q = torch.randn(1, 16, 2, 8)
     block_mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, 16, 16, device="cpu")
     api.install("native")
     for kwargs, reason in (
-        ({"attention_kwargs": {"return_lse": True}}, "return_lse"),
+        ({"attention_kwargs": {"return_lse": True}, "backend": "native"}, "hard-codes diffusers backend 'native'"),
         ({"attn_mask": block_mask}, "BlockMask"),
     ):
         dispatch.reset_fallbacks()
@@ -460,9 +462,8 @@ def test_return_lse_and_block_mask_pass_through_to_diffusers() -> None:
         else:
             assert got is expected
 
-    assert patcher._dispatch_passthrough_reason(None, None, {"parallel_config": object()}) == (
-        "context-parallel parallel_config is set"
-    )
+    # A parallel_config is decided by _diffusers_parallel.parallel_reason (test_diffusers_parallel.py).
+    assert patcher._dispatch_passthrough_reason(None, None, {"parallel_config": object()}) is None
     assert patcher._dispatch_passthrough_reason({"return_lse": False}, None, {}) is None
 
 
