@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from attnpatch.core import registry
-from attnpatch.core.call import BackendFn, CallSpec
+from attnpatch.core.call import BackendFn, CallSpec, ExtraFn
 from attnpatch.core.capabilities import ACCEPT_ALL, Capabilities
 
 
@@ -30,6 +30,7 @@ def define(
     check: Callable[[CallSpec], list[str]] | None = None,
     aliases: Iterable[str] = (),
     kernel: bool = False,
+    extra_fn: ExtraFn | None = None,
 ) -> registry.Backend:
     """Declare and register the built-in backend ``name``.
 
@@ -37,6 +38,8 @@ def define(
         an external library, wrapped so that torch.compile sees a custom op.
     requires: why the backend cannot run in this process at all (package, version, device), computed once.
     check: why it cannot serve one call, beyond what ``caps`` says.
+    extra_fn: the function for calls with the later arguments ``caps`` declares (softcap, window, sinks,
+        return_lse, as keywords); default ``fn``, which then takes them.
     """
     backend = registry.Backend(
         name,
@@ -47,6 +50,7 @@ def define(
         check=check,
         builtin=True,
         description=description,
+        extra_fn=extra_fn,  # type: ignore[arg-type]
     )
     return registry.register(backend, aliases=aliases)
 

@@ -8,12 +8,13 @@ instead of failing inside torch with "No available kernel".
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnpatch.backends import _probe
+from attnpatch.backends import _math, _probe
 from attnpatch.backends._define import define
 from attnpatch.backends._probe import cuda_reasons
 from attnpatch.core import masks
@@ -50,6 +51,50 @@ def native(
     return out.transpose(1, 2)
 
 
+def native_extra(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    *,
+    softcap: float | None = None,
+    window: tuple[int, int] | None = None,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``native`` for calls with the later arguments (attnpatch/core/call.py), (batch, seq, heads, head_dim).
+
+    A window is folded into the mask and SDPA runs; softcap, sinks and return_lse, which SDPA has no parameter
+    for, run as torch operations in float32 (attnpatch/backends/_math.py): memory (batch, heads, seq_q, seq_kv).
+    """
+    if softcap is None and sinks is None and not return_lse and window is not None:
+        if is_causal:  # causal and a window (left, right): the window (left, 0)
+            window, is_causal = (window[0], 0), False
+        attn_mask = masks.fold_window(attn_mask, window, query.shape[1], key.shape[1], query.device)
+        return native(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return _math.attention(
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        softcap=softcap,
+        window=window,
+        sinks=sinks,
+        return_lse=return_lse,
+    )
+
+
+# Every later argument, the lse with its gradient (the torch operations of _math are differentiable).
+EXTRAS: dict[str, Any] = {"softcap": True, "window": True, "sinks": True, "return_lse": True, "lse_grad": True}
+
+
 def _pinned(kernel: SDPBackend, expand_gqa: bool = False) -> Callable[..., torch.Tensor]:
     # The pinned kernels have the same contract as `native`; only the kernel choice differs. Kernels without
     # native GQA get key/value heads repeated, which is what torch's own fallback would do.
@@ -82,17 +127,20 @@ define(
     "native",
     native,
     family="native",
-    caps=Capabilities(priority=10),
+    caps=Capabilities(priority=10, **EXTRAS),
     description="torch.nn.functional.scaled_dot_product_attention, kernel chosen by torch",
     aliases=("sdpa", "torch", "default", "_native"),
+    extra_fn=native_extra,
 )
 define(
     "_native_math",
     _pinned(SDPBackend.MATH),
     family="native",
-    caps=Capabilities(),  # priority 0: a reference, never picked by `auto`
+    caps=Capabilities(**EXTRAS),  # priority 0: a reference, never picked by `auto`
     description="SDPA pinned to the math (reference) kernel: any device and dtype, slowest",
     aliases=("math", "_native_math_sdpa"),
+    # The later arguments: the same math written out in torch operations (float32, float64 for float64 inputs).
+    extra_fn=_math.attention,
 )
 
 define(

@@ -42,6 +42,11 @@ class Capabilities:
     priority: order for `auto` (higher is tried first) among backends that can serve a call; an int, or a
         mapping device type -> int for kernels whose rank differs by device (missing device = 0 = never auto).
     tolerance: (atol, rtol) per input dtype against a float64 reference (see tolerance_for).
+    softcap, window, sinks, return_lse: the dispatcher's later arguments of the same names are served (see
+        :func:`attnpatch.core.dispatch.dispatch_attention`); a backend that does not declare one never receives
+        it. A window is aligned like causal: ``causal_cross=False`` also refuses windows when seq_q != seq_kv.
+    lse_grad: the returned log-sum-exp carries a gradient (False: the kernel's lse is a constant to autograd,
+        so return_lse is refused when inputs require grad).
     """
 
     devices: frozenset[str] | None = None
@@ -66,6 +71,11 @@ class Capabilities:
     priority: int | dict[str, int] = 0
     tolerance: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
     tolerance_grows_with_logits: bool = False
+    softcap: bool = False
+    window: bool = False
+    sinks: bool = False
+    return_lse: bool = False
+    lse_grad: bool = False
 
     def priority_for(self, device_type: str) -> int:
         if isinstance(self.priority, dict):
@@ -86,9 +96,19 @@ class Capabilities:
         return atol, rtol
 
     def accepts_everything(self) -> bool:
-        """No restriction at all (priority and tolerances do not restrict what can be served)."""
+        """No restriction on calls without the later arguments (priority, tolerances and serving more do not
+        restrict what can be served)."""
         relaxed = dataclasses.replace(
-            self, priority=0, tolerance={}, deterministic=True, tolerance_grows_with_logits=False
+            self,
+            priority=0,
+            tolerance={},
+            deterministic=True,
+            tolerance_grows_with_logits=False,
+            softcap=False,
+            window=False,
+            sinks=False,
+            return_lse=False,
+            lse_grad=False,
         )
         return relaxed == ACCEPT_ALL
 
@@ -142,6 +162,28 @@ def capability_reasons(caps: Capabilities, call: CallSpec) -> list[str]:
         reasons.append("has no backward pass (inputs require grad)")
     if call.compiling and not caps.compile_safe:
         reasons.append("is not torch.compile-safe")
+    if call.softcap or call.window or call.sinks or call.return_lse:
+        reasons.extend(_extra_reasons(caps, call))
+    return reasons
+
+
+def _extra_reasons(caps: Capabilities, call: CallSpec) -> list[str]:
+    # The later arguments (softcap, window, sinks, return_lse), each named as the user passed it.
+    reasons = []
+    if call.softcap and not caps.softcap:
+        reasons.append("has no logit soft-capping (softcap=...): use a backend that declares softcap")
+    if call.window and not caps.window:
+        reasons.append("has no sliding window (window=...): use a backend that declares window")
+    elif call.window and call.seq_q != call.seq_kv and not caps.causal_cross:
+        reasons.append(
+            f"aligns windows bottom-right, SDPA top-left: they differ when seq_q {call.seq_q} != seq_kv {call.seq_kv}"
+        )
+    if call.sinks and not caps.sinks:
+        reasons.append("has no attention sinks (sinks=...): use a backend that declares sinks")
+    if call.return_lse and not caps.return_lse:
+        reasons.append("does not return the log-sum-exp (return_lse=True): use a backend that declares return_lse")
+    elif call.return_lse and call.needs_grad and not caps.lse_grad:
+        reasons.append("returns a log-sum-exp without a gradient (return_lse=True while inputs require grad)")
     return reasons
 
 

@@ -14,20 +14,25 @@ tells the observers of :mod:`attnpatch.core.hooks`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnpatch.core import forksafe, hooks, masks, registry, selection
-from attnpatch.core.call import MASK_NONE, CallSpec
+from attnpatch.core.call import MASK_NONE, CallSpec, ExtraArgs, check_extras, extras_signature
 from attnpatch.core.checks import run_checks
 from attnpatch.core.registry import Backend
 from attnpatch.core.selection import AUTO, Chain
 from attnpatch.errors import AttnpatchWarning, CheckFailed, UnsupportedCall
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # Mirrors of the selection settings and hooks, refreshed by _sync on every change: the fast path reads plain
 # module globals (a function call or another module's attribute costs measurable time per attention call).
@@ -87,7 +92,8 @@ def dispatch_attention(
     enable_gqa: bool = False,
     *,
     backend: str | None = None,
-) -> torch.Tensor:
+    **extra: Unpack[ExtraArgs],
+) -> Any:
     """Scaled dot-product attention on the selected backend.
 
     query: (batch, seq_q, heads, head_dim); key: (batch, seq_kv, heads_kv, head_dim);
@@ -97,10 +103,25 @@ def dispatch_attention(
         (batch, seq_q, seq_kv) or (batch|1, 1|heads, seq_q|1, seq_kv). Query rows with no key to attend give 0.
     is_causal: top-left aligned like torch's SDPA; may be combined with attn_mask (both apply).
     backend: per-call selection (name, alias, ``auto`` or chain), overriding every other setting.
+
+    Keyword-only, served by the backends that declare them (the others refuse the call and it falls back):
+    softcap: float > 0 (Gemma 2, flash-attn): the logits s = scale * q.k become softcap * tanh(s / softcap) before
+        the mask and the softmax.
+    window: (left, right) ints, -1 = unbounded on that side: query i attends key j iff i - left <= j <= i + right,
+        top-left aligned like is_causal (query i sits at key position i whatever seq_q and seq_kv are; flash-attn
+        aligns bottom-right, so it serves a window only when seq_q == seq_kv). Combines with is_causal and masks.
+    sinks: (heads,) logits, one per query head (gpt-oss ``s_aux``), that join the softmax denominator only:
+        out = out_plain * sigmoid(lse - sink).
+    return_lse: True returns ``(out, lse)``, lse (batch, seq_q, heads) float32, the natural-log log-sum-exp of the
+        scaled, capped, masked logits (the sink not included: the log of the whole denominator is
+        logaddexp(lse, sink)). This is the layout diffusers' context parallelism (ring / Ulysses) takes from its
+        backends' forward ops. Query rows with no key to attend: out 0, lse -inf.
     """
-    # Fast path, kept inline (each Python call level costs ~0.1 us): no per-call backend, no checks, no
-    # observers, and a selection whose first backend serves every call (a mask is normalised here, once).
-    if backend is None and _plain:
+    # Fast path, kept inline (each Python call level costs ~0.1 us): no per-call backend, no later arguments, no
+    # checks, no observers, and a selection whose first backend serves every call (a mask is normalised here).
+    # The later arguments arrive in a dict (one truth test) rather than as keyword-only parameters, whose defaults
+    # cost a dictionary lookup each on every call.
+    if backend is None and not extra and _plain:
         local = _scope
         chain = local.module or (selection.context_chain() if _contexts else local.context) or _default
         if chain is not None and chain.fast is not None:
@@ -120,6 +141,7 @@ def dispatch_attention(
         scale=scale,
         enable_gqa=enable_gqa,
         backend=backend,
+        **extra,
     )
 
 
@@ -136,11 +158,13 @@ def route(
     backend: str | Chain | None = None,
     module_chain: Chain | None = None,
     site: str | None = None,
-) -> torch.Tensor:
+    **extra: Unpack[ExtraArgs],
+) -> Any:
     """:func:`dispatch_attention` for adapters, tensors (batch, seq, heads, head_dim).
 
     ``module_chain`` is the per-module selection, if any; ``site`` names the calling module for the report
-    (default: the site set by :func:`attnpatch.core.selection.push_module`).
+    (default: the site set by :func:`attnpatch.core.selection.push_module`). ``softcap``, ``window``, ``sinks`` and
+    ``return_lse`` as in :func:`dispatch_attention` (keyword-only); ``return_lse=True`` returns ``(out, lse)``.
     """
     chain = effective_chain(backend, module_chain)
     if (not _plain or _default is None) and selection.checks():
@@ -151,10 +175,13 @@ def route(
         if is_causal:
             attn_mask, kind = masks.fold_causal(attn_mask, kind, query.shape[1], key.shape[1])
             is_causal = False
+    given: dict[str, Any] = {}
+    if extra:  # validated and normalised once (is_causal may fold into the window); {} when nothing is left
+        given, is_causal = check_extras(query, key, attn_mask, is_causal, dict(extra))
     fast = chain.fast
-    if fast is not None and _plain:
+    if fast is not None and _plain and not given:
         return fast.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    return _route_slow(chain, query, key, value, attn_mask, kind, dropout_p, is_causal, scale, enable_gqa, site)
+    return _route_slow(chain, query, key, value, attn_mask, kind, dropout_p, is_causal, scale, enable_gqa, site, given)
 
 
 def effective_chain(backend: str | Chain | None = None, module_chain: Chain | None = None) -> Chain:
@@ -178,7 +205,8 @@ def _route_slow(
     scale: float | None,
     enable_gqa: bool,
     site: str | None,
-) -> torch.Tensor:
+    extra: dict[str, Any],
+) -> Any:
     # A call of a kind seen before, with nobody observing: the decision made then (which backend serves it, which
     # refused and why, for the counts), without a CallSpec, reasons or auto's ranking. A tuple of the facts the
     # decision depends on; anything else (a registry change, device emulation, strict mode, another auto
@@ -187,6 +215,8 @@ def _route_slow(
     decision_key = None
     if _plain and not torch.compiler.is_compiling():  # no observers, no checks (they see every call)
         needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        if extra and "sinks" in extra and extra["sinks"].requires_grad:  # learnable sinks need a backward too
+            needs_grad = torch.is_grad_enabled()
         decision_key = (
             chain,
             site,
@@ -200,19 +230,22 @@ def _route_slow(
             dropout_p > 0.0,
             scale is None,
             needs_grad,
+            tuple(extra) if extra else (),  # which later arguments the call has (their values decide nothing)
         )
         decided = _decisions.get(decision_key)
         if decided is not None:
             decided_backend, counted = decided
             try:
-                out = decided_backend.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+                # Not fn(..., **extra): a star call costs ~50 ns, also when extra is empty.
+                run: Any = functools.partial(decided_backend.extra_fn, **extra) if extra else decided_backend.fn
+                out = run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
             except Exception:
                 pass
             else:
                 for counted_key in counted:
                     _fallbacks[counted_key] += 1
                 return out
-    call = CallSpec.of(query, key, value, kind, dropout_p, is_causal, scale)
+    call = CallSpec.of(query, key, value, kind, dropout_p, is_causal, scale, **extra)
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     requested = chain
     override = hooks.site_override(site)
@@ -223,7 +256,7 @@ def _route_slow(
     timer = hooks.call_timer() if observers and not call.compiling else None
     failure: Exception | None = None
     for member in _candidates(chain):
-        backend = _pick_auto(call, args) if member == AUTO else member
+        backend = _pick_auto(call, args, extra) if member == AUTO else member
         if isinstance(backend, str):  # auto found nothing; its reasons are already recorded below
             refused[AUTO] = ["no registered backend can serve this call"]
             continue
@@ -234,10 +267,11 @@ def _route_slow(
             if _strict:
                 break
             continue
+        fn: Any = functools.partial(backend.extra_fn, **extra) if extra else backend.fn
         if call.compiling:  # no try under tracing: an error there is a compile error, not a kernel failure
-            return _observed(backend.fn(*args), None, backend, requested, refused, site, args, call)
+            return _observed(fn(*args), None, backend, requested, refused, site, args, call)
         try:
-            out, seconds = timer(backend.fn, args) if timer is not None else (backend.fn(*args), None)
+            out, seconds = timer(fn, args) if timer is not None else (fn(*args), None)
         except Exception as exc:  # a kernel that raises falls back like one that refused (strict mode: raises)
             if _strict:
                 _name_backend(exc, backend.name)
@@ -247,7 +281,7 @@ def _route_slow(
             continue
         counted = _note_fallback(chain, backend, refused) if refused else ()
         if selection.checks():
-            check_output(out, query, value, backend.name)
+            check_output(out[0] if call.return_lse else out, query, value, backend.name)
         if decision_key is not None and override is None:
             if len(_decisions) >= MAX_DECISIONS:
                 _decisions.clear()
@@ -259,7 +293,7 @@ def _route_slow(
 
 
 def _observed(
-    out: torch.Tensor,
+    out: Any,
     seconds: float | None,
     backend: Backend,
     requested: Chain,
@@ -267,10 +301,15 @@ def _observed(
     site: str | None,
     args: tuple[Any, ...],
     call: CallSpec,
-) -> torch.Tensor:
+) -> Any:
     # Tell the observers (report, verify); one may hand back a replacement output (verify's fallback action).
+    # With return_lse they see the output tensor; the lse goes back to the caller beside it.
     if not hooks.observers or call.compiling:
         return out
+    if call.return_lse:
+        output, lse = out
+        plain = dataclasses.replace(call, return_lse=False)
+        return _observed(output, seconds, backend, requested, refused, site, args, plain), lse
     query, key, value, attn_mask, dropout_p, is_causal, scale, _ = args
     record = hooks.CallRecord(
         site, requested.spec, backend.name, refused, query, key, value, attn_mask, dropout_p, is_causal, scale, out
@@ -344,12 +383,13 @@ def auto_candidates(call: CallSpec) -> list[Backend]:
     return ranked
 
 
-def _pick_auto(call: CallSpec, args: tuple[Any, ...]) -> Backend | str:
+def _pick_auto(call: CallSpec, args: tuple[Any, ...], extra: dict[str, Any]) -> Backend | str:
     candidates = auto_candidates(call)
     if not candidates:
         return AUTO
     chooser = hooks.auto_chooser()
-    if chooser is not None and len(candidates) > 1 and not call.compiling:
+    # The chooser times candidates on ``args``, which lack the later arguments: it would time another call.
+    if chooser is not None and len(candidates) > 1 and not call.compiling and not extra:
         return chooser(call, candidates, args)
     return candidates[0]
 
@@ -445,6 +485,10 @@ def note_passthrough(site: str | None, reason: str) -> None:
 def passthrough_counts() -> dict[tuple[str | None, str], int]:
     return dict(_passthroughs)
 
+
+# help() and inspect show the later arguments by name (they arrive in **extra: see dispatch_attention).
+dispatch_attention.__signature__ = extras_signature(dispatch_attention)  # type: ignore[attr-defined]
+route.__signature__ = extras_signature(route)  # type: ignore[attr-defined]
 
 # Load the settings (ATTNPATCH_* where not set explicitly) and the built-in backends now, when routing is first
 # needed: loading them lazily on the first call could happen inside a torch.compile trace, where the lock and the

@@ -102,6 +102,32 @@ def fold_causal(mask: torch.Tensor, kind: str, seq_q: int, seq_kv: int) -> tuple
     return mask.masked_fill(~keep, float("-inf")), MASK_ADDITIVE
 
 
+def window(seq_q: int, seq_kv: int, left: int, right: int, device: torch.device) -> torch.Tensor:
+    """Sliding-window mask (seq_q, seq_kv), True = attend: query i sees key j iff i - left <= j <= i + right, top-left
+    aligned like :func:`causal` (query i sits at key position i); -1 = unbounded on that side."""
+    rows = torch.arange(seq_q, device=device).unsqueeze(1)
+    cols = torch.arange(seq_kv, device=device)
+    keep = torch.ones(seq_q, seq_kv, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep &= cols >= rows - left
+    if right >= 0:
+        keep &= cols <= rows + right
+    return keep
+
+
+def fold_window(
+    mask: torch.Tensor | None, window_size: tuple[int, int], seq_q: int, seq_kv: int, device: torch.device
+) -> torch.Tensor:
+    """``mask`` (normalised, or None) restricted to the sliding window ``window_size`` = (left, right): a bool mask
+    (seq_q, seq_kv) -> (1, 1, seq_q, seq_kv) when there was none, else one of ``mask``'s kind."""
+    keep = window(seq_q, seq_kv, *window_size, device)
+    if mask is None:
+        return keep.view(1, 1, seq_q, seq_kv)
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, float("-inf"))
+
+
 def to_bool(mask: torch.Tensor) -> torch.Tensor:
     """True where a key may be attended (an additive mask's -inf entries are the masked ones)."""
     if mask.dtype == torch.bool:

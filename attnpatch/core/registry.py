@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from attnpatch.core import forksafe
-from attnpatch.core.call import BackendFn, CallSpec
+from attnpatch.core.call import BackendFn, CallSpec, ExtraFn
 from attnpatch.core.capabilities import ACCEPT_ALL, Capabilities, capability_reasons
 from attnpatch.errors import UnknownBackendError, shown
 
@@ -38,7 +38,14 @@ class Backend:
     check: Callable[[CallSpec], list[str]] | None = None
     description: str = ""
     builtin: bool = False
+    # The function for calls with later arguments (softcap, window, sinks, return_lse: as keywords, see
+    # attnpatch.core.call); None: ``fn``. A built-in may keep ``fn`` lean for the plain calls of the fast path.
+    extra_fn: ExtraFn = field(default=None, repr=False)  # type: ignore[assignment]
     _reasons: list[str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.extra_fn is None:
+            self.extra_fn = self.fn
 
     @property
     def reasons(self) -> list[str]:
@@ -131,10 +138,12 @@ def register_backend(
 
     ``fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> out`` takes the dispatcher's
     arguments in its layout: query (batch, seq_q, heads, head_dim), key/value (batch, seq_kv, heads_kv, head_dim),
-    returns (batch, seq_q, heads, head_dim_v); see the module docstring for the mask. ``capabilities`` are fields
+    returns (batch, seq_q, heads, head_dim_v); see attnpatch/core/call.py for the mask. ``capabilities`` are fields
     of :class:`Capabilities` (``devices={"cuda"}``, ``dtypes={torch.float16}``, ``max_head_dim=128``, ``masks=
-    {"none"}``, ``gqa=False``, ...); with none given the backend is taken to accept every call. Re-registering
-    an existing name needs ``replace=True``.
+    {"none"}``, ``gqa=False``, ...); with none given the backend is taken to accept every call without the later
+    arguments. Declare ``softcap=True``, ``window=True``, ``sinks=True`` or ``return_lse=True`` to receive them
+    as keywords (only when a call has them; with return_lse, return ``(out, lse)``). Re-registering an existing
+    name needs ``replace=True``.
     """
     if not isinstance(name, str) or not name.strip() or "," in name or name.strip().lower() == "auto":
         raise ValueError(
