@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 import transformers_extra_models as xm
 
 from attnpatch import api
-from attnpatch.core import dispatch, hooks
+from attnpatch.core import dispatch, hooks, registry
 from attnpatch.core.hooks import CallRecord
 
 TOLERANCE = 2e-4
@@ -31,6 +31,15 @@ CASES = [
     ("mistral", "eager"),
     ("qwen2", "sdpa"),
     ("qwen2", "eager"),
+]
+
+
+# Every registered backend that declares softcap, window and sinks and runs on this CPU (native, _native_math today):
+# each must serve every call of these families itself, with no fallback.
+SERVING = [
+    b.name
+    for b in registry.list_backends()
+    if b.caps.softcap and b.caps.window and b.caps.sinks and (b.caps.devices is None or "cpu" in b.caps.devices)
 ]
 
 
@@ -49,9 +58,11 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model(**xm.left_padded()).logits
 
 
-@pytest.mark.parametrize("backend", ["native", "_native_math"])
+@pytest.mark.parametrize("backend", SERVING)
 @pytest.mark.parametrize(("family", "implementation"), CASES, ids=[f"{f}-{i}" for f, i in CASES])
 def test_family_is_routed_and_matches_unpatched(family: str, implementation: str, backend: str) -> None:
+    if not registry.get_backend(backend).available:
+        pytest.skip("; ".join(registry.get_backend(backend).reasons))
     model = xm.build_or_skip(xm.FAMILIES[family], implementation)
     expected = logits(model)
     api.apply(model, backend=backend)
@@ -62,7 +73,12 @@ def test_family_is_routed_and_matches_unpatched(family: str, implementation: str
         api.unapply(model)
     assert dispatch.passthrough_counts() == {}
     assert [r.site for r in records] == xm.LAYERS
+    assert {r.served for r in records} == {backend} and dispatch.fallback_counts() == {}
     torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_serving_backends_include_native() -> None:
+    assert {"native", "_native_math"} <= set(SERVING)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gpt_oss", "mistral"])
