@@ -397,18 +397,17 @@ def test_llama_generate_with_static_cache(patched: None, padded: bool) -> None:
 
 
 @pytest.mark.skipif(VERSION < (4, 48), reason=_EAGER_INLINE + " (and Gemma2's SDPA layer drops softcap itself)")
-def test_gemma2_softcap_passes_through_and_is_counted(patched: None) -> None:
+def test_gemma2_softcap_is_routed(patched: None) -> None:
+    # Issue 12: soft-capped calls reach the dispatcher (route(softcap=)); they ran transformers' eager code before.
+    # That soft-capping changes the result is shown in test_transformers_extra_families.py.
     model = tm.gemma2(softcap=50.0)
     expected = _forward(CASES[0], model)
     mark(model, "native")
     with recorded() as records:
         got = _forward(CASES[0], model)
-    assert records == []
-    assert torch.equal(got, expected)
-    counts = dispatch.passthrough_counts()
-    assert sum(counts.values()) == 2
-    assert {site for site, _ in counts} == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
-    assert all("softcap" in reason for _, reason in counts)
+    assert [r.site for r in records] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert dispatch.passthrough_counts() == {}
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
 
 
 @pytest.mark.skipif(VERSION < (4, 48), reason=_EAGER_INLINE)
