@@ -108,14 +108,14 @@ def apply_plan(obj: Any, plan: Any, steps: int | None = None) -> Any:
     if not layers:
         sites = ", ".join(sorted({site.split(".")[0] for site, _ in found})) or "none"
         raise plans.PlanError(
-            f"plan {shown(checked.source)}: no rule matches an attention layer of {type(obj).__name__} (its layers "
+            f"plan {checked.name}: no rule matches an attention layer of {type(obj).__name__} (its layers "
             f"start with: {sites}). Rules match layer paths as the report names them: tune and apply the same "
             "object (a pipeline's paths start with its component, 'transformer.transformer_blocks.0.attn')"
         )
     pipeline = obj if api.is_pipeline(obj) else None
     if steps is None and pipeline is None and any(r.counts_from_end for _, _, rules in layers for r in rules):
         raise plans.PlanError(
-            f"plan {shown(checked.source)}: a rule counts steps from the end, and {type(obj).__name__} is a bare "
+            f"plan {checked.name}: a rule counts steps from the end, and {type(obj).__name__} is a bare "
             "model whose number of steps attnpatch cannot know: pass it, attnpatch.apply(model, plan=..., steps=N)"
         )
     plans.warn_if_elsewhere(checked, _device_of(obj))
@@ -335,7 +335,7 @@ def _first_call(module: Any, args: Any) -> None:
                 return  # a model the plan is not about (a safety checker, a second model)
             _say_once(str(exc))
         except Exception as exc:  # the user's model call must go on: without the plan, said once
-            _say_once(f"plan {shown(plan.source)} could not be applied ({type(exc).__name__}: {exc})")
+            _say_once(f"plan {plan.name} could not be applied ({type(exc).__name__}: {exc})")
 
 
 def _say_once(message: str) -> None:

@@ -100,6 +100,11 @@ class Plan:
     metric: str | None = None
     env: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        """The plan as messages name it: its path, quoted, or ``<dict>``."""
+        return named(self.source)
+
     def rules_for(self, site: str) -> list[Rule]:
         """The rules matching the layer ``site``, most specific first."""
         found = [rule for rule in self.rules if rule.matches(site)]
@@ -163,8 +168,12 @@ def write(plan: Plan | Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def named(source: str) -> str:
+    return source if source == "<dict>" else shown(source)
+
+
 def _read(path: Path) -> Any:
-    name = shown(str(path))
+    name = named(str(path))
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -174,11 +183,11 @@ def _read(path: Path) -> Any:
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise PlanError(f"plan {name} is not JSON ({shown(str(exc), 120)}); {_WRITE_ONE}") from None
+        raise PlanError(f"plan {name} is not JSON ({str(exc)[:120]}); {_WRITE_ONE}") from None
 
 
 def _check(source: str, data: Any, resolve: bool) -> Plan:
-    name = shown(source)
+    name = named(source)
     if not isinstance(data, Mapping):
         raise PlanError(f"plan {name}: the top level must be a JSON object, got {_kind(data)}; {_WRITE_ONE}")
     if data.get("schema") != SCHEMA:
@@ -213,7 +222,7 @@ def check_backends(plan: Plan) -> None:
             selection.resolve(rule.backend)
         except UnknownBackendError as exc:
             raise PlanError(
-                f"plan {shown(plan.source)}, rule {rule.index} ({shown(rule.match, 80)}): {exc}. A backend your "
+                f"plan {plan.name}, rule {rule.index} ({shown(rule.match, 80)}): {exc}. A backend your "
                 "script registers must be registered before the plan is applied"
             ) from None
 
@@ -323,7 +332,7 @@ def warn_if_elsewhere(plan: Plan, device: str | None) -> None:
     if differ:
         _warned.add(plan.source)
         warnings.warn(
-            f"attnpatch: plan {shown(plan.source)} was made in another environment: {', '.join(differ)}; its "
+            f"attnpatch: plan {plan.name} was made in another environment: {', '.join(differ)}; its "
             "timings and errors may not hold here. Tune again here: python -m attnpatch tune script.py --out plan.json",
             AttnpatchWarning,
             stacklevel=4,

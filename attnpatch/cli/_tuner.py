@@ -18,7 +18,7 @@ from attnpatch.core import hooks, masks, registry
 from attnpatch.core.call import CallSpec
 from attnpatch.core.registry import Backend
 from attnpatch.errors import UnknownBackendError
-from attnpatch.report import group_name
+from attnpatch.report import align, group_name
 
 _ERROR_KEY = {"max_abs": "max_abs_err", "rel": "max_rel_err"}
 
@@ -170,8 +170,6 @@ class Tuner:
 
     def finish(self, interrupted: bool = False) -> None:
         """Write the plan and say what it holds (after an interruption too)."""
-        from attnpatch.cli.tune import describe
-
         for name, why in self.unknown.items():
             _say(f"attnpatch tune: --candidates {name!r} was never a registered backend: {why}")
         for site, (_, _, note) in self.site_results().items():
@@ -214,6 +212,40 @@ def _rule(match: str, backend: str | None, measured: list[dict[str, dict[str, An
             m["max_abs_err"], m["max_rel_err"] = float(f"{m['max_abs_err']:.3g}"), float(f"{m['max_rel_err']:.3g}")
     ordered = dict(sorted(merged.items(), key=lambda item: item[1].get("seconds", math.inf)))
     return {"match": match, "backend": backend, "steps": None, "measured": ordered}
+
+
+def describe(plan: dict[str, Any]) -> str:
+    """The plan as an aligned table (rule, backend, its time and error, the runner-up)."""
+    rows = [["match", "steps", "backend", "ms/call", "max abs err", "others (ms/call, err)"]]
+    for rule in plan["rules"]:
+        measured = rule.get("measured", {})
+        chosen = measured.get(rule["backend"], {})
+        others = [
+            f"{name} {_ms(m)} {_err(m)}" if "error" not in m else f"{name} failed"
+            for name, m in measured.items()
+            if name != rule["backend"]
+        ]
+        rows.append(
+            [
+                rule["match"],
+                rule.get("steps") or "-",
+                rule["backend"],
+                _ms(chosen),
+                _err(chosen),
+                ", ".join(others) or "-",
+            ]
+        )
+    return "\n".join(align(rows))
+
+
+def _ms(measured: dict[str, Any]) -> str:
+    seconds = measured.get("seconds")
+    return "-" if seconds is None else f"{seconds * 1e3:.3g}"
+
+
+def _err(measured: dict[str, Any]) -> str:
+    error = measured.get("max_abs_err")
+    return "-" if error is None else f"{error:.1e}"
 
 
 def _say(text: str) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from attnpatch.cli import run
 
@@ -194,39 +193,3 @@ def main(argv: Sequence[str]) -> int:
 def _usage_error(message: str) -> int:
     print(f"{USAGE}\npython -m attnpatch tune: error: {message}", file=sys.stderr)
     return 2
-
-
-def describe(plan: dict[str, Any]) -> str:
-    """The plan as an aligned table (rule, backend, its time and error, the runner-up)."""
-    from attnpatch.report import align
-
-    rows = [["match", "steps", "backend", "ms/call", "max abs err", "others (ms/call, err)"]]
-    for rule in plan["rules"]:
-        measured = rule.get("measured", {})
-        chosen = measured.get(rule["backend"], {})
-        others = [
-            f"{name} {_ms(m)} {_err(m)}" if "error" not in m else f"{name} failed"
-            for name, m in measured.items()
-            if name != rule["backend"]
-        ]
-        rows.append(
-            [
-                rule["match"],
-                rule.get("steps") or "-",
-                rule["backend"],
-                _ms(chosen),
-                _err(chosen),
-                ", ".join(others) or "-",
-            ]
-        )
-    return "\n".join(align(rows))
-
-
-def _ms(measured: dict[str, Any]) -> str:
-    seconds = measured.get("seconds")
-    return "-" if seconds is None else f"{seconds * 1e3:.3g}"
-
-
-def _err(measured: dict[str, Any]) -> str:
-    error = measured.get("max_abs_err")
-    return "-" if error is None else f"{error:.1e}"
