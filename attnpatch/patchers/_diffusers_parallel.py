@@ -70,6 +70,10 @@ def parallel_reason(
         return "GQA under context parallelism (diffusers' templated attention refuses it)"
     if dropout_p > 0.0 and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         return "dropout under grad with context parallelism (the backward cannot redraw the forward's dropout)"
+    if getattr(cp, "ring_degree", 1) > 1:
+        reason = _ring_reason()
+        if reason is not None:
+            return reason
     if attn_mask is not None:
         if getattr(cp, "ring_degree", 1) > 1:
             return "attn_mask under ring attention (diffusers applies each rank's mask to every key chunk of the ring)"
@@ -286,6 +290,30 @@ def _templated_of(module: Any) -> Callable[..., Any] | None:
     except (TypeError, ValueError):
         return None
     return function if {"forward_op", "backward_op", "_parallel_config"} <= parameters.keys() else None
+
+
+@functools.cache
+def _ring_reason_of(module: Any) -> str | None:
+    # The ring contract our op pair follows (diffusers 0.42): the forward merges a (batch, seq, heads) log-sum-exp
+    # (it adds the trailing dim itself), and the backward hands each step's key/value chunk and the merged out/lse
+    # to the op. Earlier templated rings expect a (batch, seq, heads, 1) lse from forward ops on torch >= 2.9 (it
+    # would broadcast wrongly) and re-run the backward op on the first step's tensors: left to diffusers.
+    ring: Any = getattr(module, "TemplatedRingAttention", None)
+    try:
+        forward, backward = inspect.getsource(ring.forward), inspect.getsource(ring.backward)
+    except (AttributeError, OSError, TypeError):
+        return "ring attention of a diffusers whose TemplatedRingAttention source cannot be read (contract unknown)"
+    if "lse.ndim == 3" not in forward or "lse=lse" not in backward:
+        return (
+            "ring attention of a diffusers older than the ring op contract attnpatch follows (a (batch, seq, heads) "
+            "log-sum-exp, the merged out/lse in the backward: diffusers 0.42)"
+        )
+    return None
+
+
+def _ring_reason() -> str | None:
+    module = sys.modules.get(DISPATCH_MODULE)
+    return "ring attention without diffusers' attention_dispatch" if module is None else _ring_reason_of(module)
 
 
 def _templated() -> Callable[..., Any] | None:

@@ -11,12 +11,12 @@ log-sum-exp that no diffusers backend gives on a CPU, and the error it raises is
 model applied to ``BACKEND`` with attnpatch. Reported: max absolute differences, the backends that served the calls
 attnpatch routed, its fallbacks and passthrough reasons.
 
-``attention:CP:BACKEND[:grad][:mask][:nolse]``: ``dispatch_attention_fn`` called directly with a ring or Ulysses
-``ParallelConfig`` on each rank's shard of q/k/v (B, S, H, D), with ``return_lse`` (not with ``nolse``), first
-unpatched (diffusers' own result, without return_lse, which its native backend refuses) and then with attnpatch
-installed on ``BACKEND``. The gathered output and log-sum-exp are compared with the whole-sequence float64 result
-and with diffusers' own. ``grad``: q/k/v require grad, and the gathered gradients of a weighted sum are compared
-too. ``mask``: a key-padding mask (batch, seq_kv) on each rank's keys.
+``attention:CP:BACKEND[:grad][:mask][:nolse]``: ``dispatch_attention_fn`` called directly with a ``ParallelConfig``
+(CP: ``ring``, ``ulysses``, ``ring_anything``, ``ulysses_anything``) on each rank's shard of q/k/v (B, S, H, D), with
+``return_lse`` (not with ``nolse``), first unpatched (diffusers' own result, without return_lse, which its native
+backend refuses) and then with attnpatch installed on ``BACKEND``. The gathered output and log-sum-exp are compared
+with the whole-sequence float64 result and with diffusers' own. ``grad``: q/k/v require grad, and the gathered
+gradients of a weighted sum are compared too. ``mask``: a key-padding mask (batch, seq_kv) on each rank's keys.
 
 BACKEND may be one of two user backends registered here: ``user_plain`` (F.sdpa, declares no return_lse: ring
 steps fall back) and ``user_lse`` (float64 math that declares return_lse: it serves ring steps itself).
@@ -226,9 +226,12 @@ def parallel_config(cp: str) -> Any:
     from diffusers import ContextParallelConfig, ParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
 
-    cp_config = (
-        ContextParallelConfig(ring_degree=WORLD) if cp == "ring" else ContextParallelConfig(ulysses_degree=WORLD)
-    )
+    # ring, ulysses, ring_anything, ulysses_anything (diffusers' variants for sequences and heads of any size).
+    base = cp.removesuffix("_anything")
+    options: dict[str, Any] = {f"{base}_degree": WORLD}
+    if cp.endswith("_anything"):
+        options[f"{base}_anything"] = True
+    cp_config = ContextParallelConfig(**options)
     mesh = init_device_mesh("cpu", cp_config.mesh_shape, mesh_dim_names=cp_config.mesh_dim_names)
     config = ParallelConfig(context_parallel_config=cp_config)
     config.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=mesh)
