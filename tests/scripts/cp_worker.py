@@ -4,12 +4,13 @@
 
 Each CASE runs in turn on the same process group, with attnpatch uninstalled and its counts reset in between:
 
-``model:MODEL:CP:BACKEND``: a tiny Flux or Wan (from config, seed 0) with ``enable_parallelism`` (``CP`` is
+``model:MODEL:CP:BACKEND[:grad]``: a tiny Flux or Wan (from config, seed 0) with ``enable_parallelism`` (``CP`` is
 ``ulysses`` or ``ring``, degree 2). It runs three times on the same inputs: the whole sequence in one process (the
 single-process result), diffusers' own context parallelism (its ``native`` backend: Ulysses only; its ring needs a
 log-sum-exp that no diffusers backend gives on a CPU, and the error it raises is reported), and the same parallel
 model applied to ``BACKEND`` with attnpatch. Reported: max absolute differences, the backends that served the calls
-attnpatch routed, its fallbacks and passthrough reasons.
+attnpatch routed, its fallbacks and passthrough reasons. ``grad``: also the parameters' gradients of a weighted sum of
+the output (summed over the ranks), against those of the single process and of diffusers' own parallel run.
 
 ``attention:CP:BACKEND[:grad][:mask][:nolse]``: ``dispatch_attention_fn`` called directly with a ``ParallelConfig``
 (CP: ``ring``, ``ulysses``, ``ring_anything``, ``ulysses_anything``) on each rank's shard of q/k/v (B, S, H, D), with
@@ -53,7 +54,7 @@ def main(cases: list[str]) -> list[dict[str, Any]]:
         dispatch.reset_fallbacks()
         try:
             if kind == "model":
-                result = run_model(*args[:3])
+                result = run_model(*args[:3], grad="grad" in args)
             else:
                 result = run_attention(
                     args[0], args[1], grad="grad" in args, mask="mask" in args, lse="nolse" not in args
@@ -153,10 +154,24 @@ def inputs(name: str) -> dict[str, Any]:
     }
 
 
-def forward(model: torch.nn.Module, name: str) -> torch.Tensor:
+def forward(model: torch.nn.Module, name: str, grad: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The output, and with ``grad`` the parameters' gradients of a fixed weighted sum of it (summed over the ranks
+    of a parallel model: each rank's are those of its part of the sequence)."""
     # return_dict=False: diffusers' context-parallel hook on the model itself accepts only tensors or tuples.
-    with torch.no_grad():
-        return model(**inputs(name), return_dict=False)[0]
+    model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(grad):
+        out = model(**inputs(name), return_dict=False)[0]
+        if not grad:
+            return out, {}
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        (out * weight).sum().backward()
+    grads = {}
+    for param_name, param in model.named_parameters():
+        if param.grad is not None:
+            if getattr(model, "_parallel_config", None) is not None:
+                dist.all_reduce(param.grad)
+            grads[param_name] = param.grad
+    return out.detach(), grads
 
 
 @contextlib.contextmanager
@@ -187,18 +202,18 @@ def max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
     return float((a.double() - b.double()).abs().max())
 
 
-def run_model(name: str, cp: str, backend: str) -> dict[str, Any]:
+def run_model(name: str, cp: str, backend: str, grad: bool) -> dict[str, Any]:
     import attnpatch
     from attnpatch.core import hooks
 
-    single = forward(build(name), name)
+    single, single_grads = forward(build(name), name, grad)
     model = parallel(build(name), cp)
     result: dict[str, Any] = {"model": name, "cp": cp, "backend": backend}
     try:
-        diffusers_cp: torch.Tensor | None = forward(model, name)
+        diffusers_cp, diffusers_grads = forward(model, name, grad)
         result["diffusers_error"] = None
     except Exception as exc:  # diffusers' ring on a CPU: no backend of its gives the log-sum-exp
-        diffusers_cp = None
+        diffusers_cp, diffusers_grads = None, {}
         result["diffusers_error"] = f"{type(exc).__name__}: {exc}"
 
     served: list[str] = []
@@ -206,13 +221,25 @@ def run_model(name: str, cp: str, backend: str) -> dict[str, Any]:
     attnpatch.apply(model, backend)
     hooks.add_observer(observer)
     try:
-        routed = forward(model, name)
+        routed, routed_grads = forward(model, name, grad)
     finally:
         hooks.remove_observer(observer)
         attnpatch.unapply(model)
     result["routed_vs_single"] = max_diff(routed, single)
     result["diffusers_vs_single"] = max_diff(diffusers_cp, single)
     result["routed_vs_diffusers"] = max_diff(routed, diffusers_cp)
+    if grad:
+        assert routed_grads.keys() == single_grads.keys() and len(routed_grads) > 10, sorted(routed_grads)
+        result["grads"] = len(routed_grads)
+        result["grad_routed_vs_single"] = max(max_diff(routed_grads[n], single_grads[n]) or 0.0 for n in single_grads)
+        result["grad_scale"] = max(float(g.abs().max()) for g in single_grads.values())
+        if diffusers_grads:
+            result["grad_diffusers_vs_single"] = max(
+                max_diff(diffusers_grads[n], single_grads[n]) or 0.0 for n in single_grads
+            )
+            result["grad_routed_vs_diffusers"] = max(
+                max_diff(routed_grads[n], diffusers_grads[n]) or 0.0 for n in diffusers_grads
+            )
     result["served"] = sorted(set(served))
     result["calls"] = len(served)
     result["shape"] = list(routed.shape)
