@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnpatch.backends import _math, _probe
+from attnpatch.backends import _extras, _math, _probe
 from attnpatch.backends._define import define
 from attnpatch.backends._probe import cuda_reasons
 from attnpatch.core import masks
@@ -68,14 +68,20 @@ def native_extra(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``native`` for calls with the later arguments (attnpatch/core/call.py), (batch, seq, heads, head_dim).
 
-    A window is folded into the mask and SDPA runs; softcap, sinks and return_lse, which SDPA has no parameter
-    for, run as torch operations in float32 (attnpatch/backends/_math.py): memory (batch, heads, seq_q, seq_kv).
+    A window is folded into the mask. Without softcap: SDPA serves the window alone, and on CPU torch's flash
+    kernel returns the lse (for return_lse, and sinks as out * sigmoid(lse - sink)) where it serves the call
+    exactly (:func:`attnpatch.backends._extras.cpu_flash_lse_serves`). Everything else (softcap, an lse on GPU, an
+    lse or sinks with gradients) runs as torch operations in float32 (attnpatch/backends/_math.py), with memory
+    (batch, heads, seq_q, seq_kv).
     """
-    if softcap is None and sinks is None and not return_lse and window is not None:
-        if is_causal:  # causal and a window (left, right): the window (left, 0)
-            window, is_causal = (window[0], 0), False
-        attn_mask = masks.fold_window(attn_mask, window, query.shape[1], key.shape[1], query.device)
+    attn_mask, is_causal = _extras.fold_window(query, key, attn_mask, is_causal, window)
+    if softcap is None and sinks is None and not return_lse:
         return native(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if softcap is None and _extras.cpu_flash_lse_serves(query, value, dropout_p, query, key, value, sinks):
+        out, lse = _extras.cpu_flash_lse(query, key, value, attn_mask, is_causal, scale)
+        if sinks is not None:
+            out = _extras.add_sinks(out, lse, sinks)
+        return (out, lse) if return_lse else out
     return _math.attention(
         query,
         key,
@@ -85,7 +91,6 @@ def native_extra(
         is_causal,
         scale,
         softcap=softcap,
-        window=window,
         sinks=sinks,
         return_lse=return_lse,
     )
@@ -123,6 +128,33 @@ def _pinned(kernel: SDPBackend, expand_gqa: bool = False) -> Callable[..., torch
     return run
 
 
+def _pinned_extra(run: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+    # A pinned kernel with the later arguments it declares: a window folded into the mask; on CPU the flash
+    # kernel's lse (return_lse, and sinks from it), which only _native_flash declares and only on CPU.
+    def run_extra(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+        scale: float | None,
+        enable_gqa: bool,
+        *,
+        window: tuple[int, int] | None = None,
+        sinks: torch.Tensor | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        attn_mask, is_causal = _extras.fold_window(query, key, attn_mask, is_causal, window)
+        if sinks is None and not return_lse:
+            return run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        out, lse = _extras.cpu_flash_lse(query, key, value, attn_mask, is_causal, scale)
+        out = out if sinks is None else _extras.add_sinks(out, lse, sinks)
+        return (out, lse) if return_lse else out
+
+    return run_extra
+
+
 define(
     "native",
     native,
@@ -143,16 +175,21 @@ define(
     extra_fn=_math.attention,
 )
 
+_sdpa_flash = _pinned(SDPBackend.FLASH_ATTENTION)
 define(
     "_native_flash",
-    _pinned(SDPBackend.FLASH_ATTENTION),
+    _sdpa_flash,
     family="native",
     # The CPU flash kernel takes masks, fp32/fp64 and any head dim but no dropout; the CUDA one (FA2
     # inside torch) takes fp16/bf16, head_dim <= 256 and no arbitrary mask.
     # On CPU `native` already picks this kernel when it can, so `auto` ranks it only on CUDA.
-    caps=Capabilities(devices=frozenset({"cpu", "cuda"}), priority={"cuda": 40}),
+    # Windows become masks; on CPU the kernel returns the lse (no gradient), and sinks are served from it.
+    caps=Capabilities(
+        devices=frozenset({"cpu", "cuda"}), priority={"cuda": 40}, window=True, sinks=True, return_lse=True
+    ),
     check=lambda call: _flash_sdpa_reasons(call),
     description="SDPA pinned to its FlashAttention kernel (torch's bundled FA2 on CUDA, its own on CPU)",
+    extra_fn=_pinned_extra(_sdpa_flash),
 )
 
 
@@ -164,7 +201,11 @@ def _flash_sdpa_reasons(call: CallSpec) -> list[str]:
     if call.device_type == "cpu":
         if call.dropout:
             reasons.append("the CPU flash kernel has no dropout")
+        if call.sinks and call.needs_grad:
+            reasons.append("serves sinks from the CPU flash kernel's lse, which has no gradient (inputs require grad)")
         return reasons
+    if call.return_lse or call.sinks:
+        reasons.append("returns no lse on CUDA in attnpatch (return_lse, sinks): use native or flash")
     if call.dtype not in HALF:
         reasons.append(f"needs dtype bfloat16 or float16 on CUDA, got {str(call.dtype).replace('torch.', '')}")
     if max(call.head_dim, call.head_dim_v) > 256:
@@ -173,12 +214,15 @@ def _flash_sdpa_reasons(call: CallSpec) -> list[str]:
         reasons.append(f"head_dim {call.head_dim} is not a multiple of 8")
     if call.mask_kind != MASK_NONE:
         reasons.append(f"does not take an attn_mask on CUDA (got a {call.mask_kind.replace('_', '-')} mask)")
+    if call.window:
+        reasons.append("takes no window on CUDA (a window is served as a mask, which it does not take there)")
     return reasons
 
 
+_sdpa_efficient = _pinned(SDPBackend.EFFICIENT_ATTENTION, expand_gqa=True)
 define(
     "_native_efficient",
-    _pinned(SDPBackend.EFFICIENT_ATTENTION, expand_gqa=True),
+    _sdpa_efficient,
     family="native",
     caps=Capabilities(
         devices=frozenset({"cuda"}),
@@ -186,15 +230,18 @@ define(
         head_dim_multiple=8,
         gqa=True,  # served by repeating key/value heads
         priority=30,
+        window=True,  # as a mask
     ),
     requires=cuda_reasons,
     description="SDPA pinned to its memory-efficient (xFormers-derived) kernel; CUDA",
     aliases=("efficient", "mem_efficient"),
+    extra_fn=_pinned_extra(_sdpa_efficient),
 )
 
+_sdpa_cudnn = _pinned(SDPBackend.CUDNN_ATTENTION, expand_gqa=True)
 define(
     "_native_cudnn",
-    _pinned(SDPBackend.CUDNN_ATTENTION, expand_gqa=True),
+    _sdpa_cudnn,
     family="native",
     caps=Capabilities(
         devices=frozenset({"cuda"}),
@@ -204,8 +251,10 @@ define(
         same_v_head_dim=True,
         min_compute_capability=(8, 0),
         priority=45,
+        window=True,  # as a mask
     ),
     requires=cuda_reasons,
     description="SDPA pinned to its cuDNN attention kernel; CUDA, compute capability >= 8.0",
     aliases=("cudnn",),
+    extra_fn=_pinned_extra(_sdpa_cudnn),
 )

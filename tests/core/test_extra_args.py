@@ -82,6 +82,7 @@ class Case:
     heads: int = 4
     heads_kv: int = 4
     head_dim: int = 16
+    head_dim_v: int | None = None  # None: head_dim
     mask: str = "none"  # none | left_pad | additive
     causal: bool = False
     scale: float | None = None
@@ -95,7 +96,7 @@ class Case:
         g = torch.Generator().manual_seed(sum(map(ord, self.name)))
         q = torch.randn(self.batch, self.seq_q, self.heads, self.head_dim, generator=g) * 2  # logits large enough
         k = torch.randn(self.batch, self.seq_kv, self.heads_kv, self.head_dim, generator=g) * 2  # to be capped
-        v = torch.randn(self.batch, self.seq_kv, self.heads_kv, self.head_dim + 3, generator=g)
+        v = torch.randn(self.batch, self.seq_kv, self.heads_kv, self.dim_v, generator=g)
         mask = None
         if self.mask == "left_pad":
             mask = torch.ones(self.batch, self.seq_kv, dtype=torch.long)
@@ -107,6 +108,10 @@ class Case:
         q, k, v = (t.to(self.dtype) for t in (q, k, v))
         return q, k, v, (mask.to(self.dtype) if mask is not None and mask.is_floating_point() else mask), sinks
 
+    @property
+    def dim_v(self) -> int:
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
+
     def extra(self, sinks: torch.Tensor | None) -> dict[str, object]:
         given: dict[str, object] = {"softcap": self.softcap, "window": self.window, "sinks": sinks}
         given = {name: value for name, value in given.items() if value is not None}
@@ -116,6 +121,7 @@ class Case:
 CASES = [
     Case("softcap", softcap=1.5),
     Case("softcap_scale", softcap=2.0, scale=0.4),
+    Case("softcap_value_dim", softcap=2.0, head_dim=16, head_dim_v=24),
     Case("window_both", window=(3, 2)),
     Case("window_left_causal", window=(4, -1), causal=True),
     Case("window_right_only", window=(-1, 1)),
@@ -123,6 +129,7 @@ CASES = [
     Case("window_cross_77", seq_q=9, seq_kv=77, window=(5, 3)),
     Case("window_cross_more_queries", seq_q=13, seq_kv=6, window=(2, 0)),  # queries 8-12 see no key
     Case("sinks", sinks=True),
+    Case("sinks_lse_value_dim", sinks=True, lse=True, head_dim_v=8),
     Case("sinks_causal", sinks=True, causal=True),
     Case("lse", lse=True),
     Case("lse_left_pad", lse=True, mask="left_pad"),
@@ -139,6 +146,7 @@ CASES = [
         heads=6,
         heads_kv=3,
         head_dim=13,
+        head_dim_v=21,
         seq_q=7,
         seq_kv=77,
     ),
@@ -187,7 +195,7 @@ def test_backend_matches_float64_reference(backend: registry.Backend, case: Case
     )
     out, lse = result if case.lse else (result, None)
     ref_out, ref_lse = reference(q, k, v, mask, case.causal, case.scale, case.softcap, case.window, sinks)
-    assert out.shape == (case.batch, case.seq_q, case.heads, case.head_dim + 3) and out.dtype == case.dtype
+    assert out.shape == (case.batch, case.seq_q, case.heads, case.dim_v) and out.dtype == case.dtype
     assert not torch.isnan(out).any()
     atol, rtol = backend.caps.tolerance_for(case.dtype)
     torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
