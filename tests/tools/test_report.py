@@ -180,6 +180,7 @@ def test_json_schema(tmp_path: Path) -> None:
         "fallbacks",
         "shapes",
         "dtypes",
+        "rules",
         "passthrough",
         "seconds",
         "time_share",
