@@ -164,6 +164,38 @@ def test_return_lse_under_grad_gives_the_gradients_of_out_and_lse() -> None:
         torch.testing.assert_close(mine.grad.double(), ref.grad, atol=ATOL, rtol=0)
 
 
+@needs_dispatcher
+def test_return_lse_inside_a_processor_that_also_calls_sdpa_reaches_torch_once() -> None:
+    # A processor that calls both dispatch_attention_fn and F.sdpa runs inside an SDPA redirect scope; a backend
+    # whose own F.sdpa call came back to the dispatcher would recurse. Here one routed call, served once.
+    from attnpatch.patchers import sdpa
+
+    sdpa_calls = []
+
+    def sdpa_with_lse(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, return_lse=False):  # type: ignore[no-untyped-def]
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        sdpa_calls.append(q.shape)
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+        lse = (qt @ kt.transpose(-1, -2) * q.shape[-1] ** -0.5).logsumexp(-1).transpose(1, 2)
+        return (out, lse) if return_lse else out
+
+    registry.register_backend("user_lse", sdpa_with_lse, return_lse=True)
+    q = torch.randn(1, 8, 2, 16)
+    api.install("user_lse")
+    depth = sdpa.enter()
+    try:
+        with observed() as records:
+            out, lse = attention_dispatch.dispatch_attention_fn(q, q, q, attention_kwargs={"return_lse": True})
+    finally:
+        sdpa.leave(depth)
+    assert [r.served for r in records] == ["user_lse"] and len(sdpa_calls) == 1
+    assert sdpa.enter() == depth  # the scope is as it was (enter returns the depth before it)
+    sdpa.leave(depth)
+    expected_out, expected_lse = reference(q, q, q)
+    torch.testing.assert_close(out.double(), expected_out, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=ATOL, rtol=0)
+
+
 # --- the backward op, as diffusers' ring and Ulysses call it ------------------------------------------------------
 
 
