@@ -234,12 +234,20 @@ def _tune(kind: str, candidates: list[Backend], args: tuple[Any, ...]) -> dict[s
     return entry
 
 
-def time_backends(backends: list[Backend], args: tuple[Any, ...]) -> tuple[dict[str, float], dict[str, str]]:
+def time_backends(
+    backends: list[Backend],
+    args: tuple[Any, ...],
+    *,
+    min_runs: int = _MIN_RUNS,
+    max_runs: int = _MAX_RUNS,
+    budget_s: float = _BUDGET_S,
+) -> tuple[dict[str, float], dict[str, str]]:
     """({name: seconds}, {name: error}): fastest run of each backend on ``args`` after one warm-up run.
 
-    Rounds interleave the backends (each runs once per round) until 3 rounds and 25 ms or 10 rounds have passed,
-    and the minimum per backend is kept: on a busy machine a single run can stall for a scheduler tick, and
-    interleaving spreads slow phases over every backend alike. CUDA events time GPU runs.
+    Rounds interleave the backends (each runs once per round) until ``min_runs`` rounds and ``budget_s`` seconds
+    or ``max_runs`` rounds have passed (3, 25 ms, 10), and the minimum per backend is kept: on a busy machine a
+    single run can stall for a scheduler tick, and interleaving spreads slow phases over every backend alike. CUDA
+    events time GPU runs.
     """
     fns = {}
     errors: dict[str, str] = {}
@@ -254,7 +262,7 @@ def time_backends(backends: list[Backend], args: tuple[Any, ...]) -> tuple[dict[
             fns[backend.name] = fn
     samples: dict[str, list[float]] = {name: [] for name in fns}
     rounds, spent = 0, 0.0
-    while fns and (rounds < _MIN_RUNS or (rounds < _MAX_RUNS and spent < _BUDGET_S)):
+    while fns and (rounds < min_runs or (rounds < max_runs and spent < budget_s)):
         for name, fn in fns.items():
             seconds = time_call(fn, args)
             samples[name].append(seconds)
@@ -270,7 +278,8 @@ def measure(backends: list[Backend], args: tuple[Any, ...]) -> dict[str, dict[st
     query (batch, seq_q, heads, head_dim). Returns ``{name: {"seconds", "max_abs_err", "max_rel_err",
     "within_tolerance"}}``, or ``{name: {"error": why}}`` for a backend that raised, returned a wrong shape or NaN.
     The reference is :func:`attnpatch.verify.reference`; the first run of each backend gives its error (and warms
-    it up), then :func:`time_backends` times them. Runs under ``torch.no_grad`` and leaves the RNGs as they were.
+    it up), then :func:`time_backends` times them (5 to 30 rounds, up to 0.1 s). Runs under ``torch.no_grad`` and
+    leaves the RNGs as they were.
     """
     from attnpatch import verify
 
@@ -294,7 +303,9 @@ def measure(backends: list[Backend], args: tuple[Any, ...]) -> dict[str, dict[st
                 continue
             results[backend.name] = {"max_abs_err": max_abs, "max_rel_err": max_rel, "within_tolerance": worst <= 1}
             usable.append(backend)
-        times, errors = time_backends(usable, args)
+        # More rounds than autotune's: a plan is measured once and kept, and on a loaded CPU a run that waits for a
+        # descheduled worker thread takes a scheduler tick; the minimum of many runs is the one that did not.
+        times, errors = time_backends(usable, args, min_runs=5, max_runs=30, budget_s=0.1)
     for name, seconds in times.items():
         results[name] = {"seconds": seconds, **results[name]}
     for name, error in errors.items():
