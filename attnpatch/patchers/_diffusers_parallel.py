@@ -23,7 +23,8 @@ What we leave to diffusers (:func:`parallel_reason` says why; the patcher counts
 GQA call (diffusers' templated attention raises for both), a mask under ring attention (diffusers applies each
 rank's mask to every key chunk of the ring), a mask that is not a key-padding mask of the rank's keys, dropout
 under grad (the backward cannot redraw the forward's dropout), a config without context parallelism, a diffusers
-without the templated function.
+without the templated function, and ring attention of a diffusers older than the ring op contract we follow (0.42:
+a (batch, seq, heads) log-sum-exp from forward ops, each step's chunk and the merged out/lse in the backward).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def parallel_reason(
     parallel_config: Any,
     query: torch.Tensor,
     key: torch.Tensor,
+    value: torch.Tensor,
     attn_mask: Any,
     dropout_p: float,
     is_causal: bool,
@@ -57,7 +59,8 @@ def parallel_reason(
 ) -> str | None:
     """Why a context-parallel call goes to diffusers' own code (None: :func:`parallel_attention` serves it).
 
-    query: (batch, seq_q_local, heads, head_dim); key: (batch, seq_kv_local, heads, head_dim), this rank's shard.
+    query: (batch, seq_q_local, heads, head_dim); key/value: (batch, seq_kv_local, heads, head_dim), this rank's
+    shard.
     """
     cp = getattr(parallel_config, "context_parallel_config", None)
     if cp is None:
@@ -68,7 +71,11 @@ def parallel_reason(
         return "causal attention under context parallelism (diffusers' templated attention refuses it)"
     if enable_gqa or query.shape[2] != key.shape[2]:
         return "GQA under context parallelism (diffusers' templated attention refuses it)"
-    if dropout_p > 0.0 and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+    if (
+        dropout_p > 0.0
+        and torch.is_grad_enabled()
+        and (query.requires_grad or key.requires_grad or value.requires_grad)
+    ):
         return "dropout under grad with context parallelism (the backward cannot redraw the forward's dropout)"
     if getattr(cp, "ring_degree", 1) > 1:
         reason = _ring_reason()

@@ -333,7 +333,7 @@ def _wrap_dispatch(original: Callable[..., torch.Tensor]) -> Callable[..., torch
             parallel_config = options.get("parallel_config")
             return_lse = bool(attention_kwargs and attention_kwargs.get("return_lse"))
             if reason is None and parallel_config is not None:
-                args = (query, key, attn_mask, dropout_p, is_causal, enable_gqa)
+                args = (query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
                 reason = parallel.parallel_reason(parallel_config, *args)
                 if reason is None:
                     return parallel.parallel_attention(
