@@ -41,6 +41,9 @@ def define(
     extra_fn: the function for calls with the later arguments ``caps`` declares (softcap, window, sinks,
         return_lse, as keywords); default ``fn``, which then takes them.
     """
+    if kernel:
+        # The later arguments reach an external kernel in eager calls only (the custom op's schema has none).
+        extra_fn, check = extra_fn or fn, _with_compiled_extras_refused(check)
     backend = registry.Backend(
         name,
         external(name, fn) if kernel else fn,
@@ -53,6 +56,16 @@ def define(
         extra_fn=extra_fn,  # type: ignore[arg-type]
     )
     return registry.register(backend, aliases=aliases)
+
+
+def _with_compiled_extras_refused(check: Callable[[CallSpec], list[str]] | None) -> Callable[[CallSpec], list[str]]:
+    def checked(call: CallSpec) -> list[str]:
+        reasons = check(call) if check is not None else []
+        if call.compiling and (call.softcap or call.window or call.sinks or call.return_lse):
+            reasons.append("takes softcap, window, sinks and return_lse in eager calls only, not under torch.compile")
+        return reasons
+
+    return checked
 
 
 _kernels: dict[str, BackendFn] = {}

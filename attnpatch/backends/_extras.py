@@ -3,7 +3,8 @@
 - :func:`add_sinks`: sinks served from a kernel's output and log-sum-exp, out * sigmoid(lse - sink), for kernels
   that return the lse but take no sinks (the formula of the dispatcher's contract, attnpatch/core/call.py).
 - :func:`lse_bhs`: a kernel's lse in (batch, heads, seq_q) to the dispatcher's (batch, seq_q, heads) float32, with
-  the rows that attend no key set to -inf (kernels write 0 or +inf there).
+  the rows that attend no key set to -inf (kernels write 0 or +inf there: flash-attn 2's softmax.h sets
+  ``INFINITY`` for an empty row outside split-KV).
 - :func:`cpu_flash_lse`: torch's CPU flash kernel, the one aten operator on CPU that returns the lse.
 - :func:`fold_window`: a window into the mask, for kernels that take masks but no window.
 """
@@ -26,6 +27,7 @@ def lse_bhs(lse: torch.Tensor, empty: torch.Tensor | None = None) -> torch.Tenso
     """A kernel's lse (batch, heads, seq_q) -> (batch, seq_q, heads) float32; ``empty``: True for the query rows
     with no key to attend, (batch|1, seq_q|1, heads|1) or None for none, where the result is -inf."""
     lse = lse.transpose(1, 2).to(torch.float32)
+    lse = lse.masked_fill(lse == float("inf"), float("-inf"))  # flash-attn's CUDA kernel writes +inf there
     if empty is not None:
         lse = lse.masked_fill(empty, float("-inf"))
     return lse

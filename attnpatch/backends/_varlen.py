@@ -60,14 +60,17 @@ def run_varlen(
     attn_mask: torch.Tensor | None,
     *,
     copy_key: bool = False,
+    lse: bool = False,
     **kwargs: Any,
-) -> torch.Tensor:
+) -> Any:
     """``kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs)`` on packed keys.
 
     query: (batch, seq_q, heads, head_dim); key/value: (batch, seq_kv, heads_kv, head_dim[_v]); attn_mask: None
     or a key-padding mask (batch|1, 1, 1, seq_kv). Returns (batch, seq_q, heads, head_dim_v); a batch entry with no
     key to attend gets 0. ``copy_key``: for kernels that modify the key in place (without a mask, packing is a
-    view of the caller's key). A kernel that returns ``(out, lse, ...)`` has its output taken.
+    view of the caller's key). A kernel that returns ``(out, lse, ...)`` has its output taken; with ``lse`` (the
+    caller asked the kernel for it) the result is (out, lse (batch, seq_q, heads) float32) from the kernel's
+    (heads, total_q) lse, -inf for an entry with no key.
     """
     batch, seq_q = query.shape[0], query.shape[1]
     packed_key, packed_value, cu_seqlens_k = pack_keys(key, value, attn_mask)
@@ -83,4 +86,19 @@ def run_varlen(
         key.shape[1],
         **kwargs,
     )
-    return varlen_output(out[0] if isinstance(out, tuple) else out, batch, attn_mask)
+    result = varlen_output(out[0] if isinstance(out, tuple) else out, batch, attn_mask)
+    if not lse:
+        return result
+    heads = query.shape[2]
+    packed_lse = out[1].view(heads, batch, seq_q).permute(1, 2, 0)  # every query row is kept: a reshape
+    empty = None
+    if attn_mask is not None:
+        empty = ~masks.to_bool(attn_mask).flatten(1).any(dim=1).view(-1, 1, 1)  # (batch|1, 1, 1)
+    return result, _lse(packed_lse, empty)
+
+
+def _lse(lse: torch.Tensor, empty: torch.Tensor | None) -> torch.Tensor:
+    # float32, -inf on rows with no key (flash-attn writes +inf there, or an lse over the one key kept for them)
+    lse = lse.to(torch.float32)
+    lse = lse.masked_fill(lse == float("inf"), float("-inf"))
+    return lse if empty is None else lse.masked_fill(empty, float("-inf"))

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from attnpatch.backends import _probe, _varlen, hub
+from attnpatch.backends import _extras, _probe, _varlen, hub
 from attnpatch.backends._define import define
 from attnpatch.backends._probe import HALF
 from attnpatch.core.call import MASK_KEY_PADDING, MASK_NONE, BackendFn, CallSpec
@@ -78,19 +78,73 @@ def flash_kernel(library: Callable[[], Any], *, version: int = 2, varlen: bool =
         is_causal: bool,
         scale: float | None,
         enable_gqa: bool,
-    ) -> torch.Tensor:
-        """q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim) -> like q."""
+        *,
+        softcap: float | None = None,
+        window: tuple[int, int] | None = None,
+        sinks: torch.Tensor | None = None,
+        return_lse: bool = False,
+    ) -> Any:
+        """q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim) -> like q; with return_lse
+        (out, lse (batch, seq_q, heads) float32)."""
         kwargs: dict[str, Any] = {"softmax_scale": scale, "causal": is_causal}
         if version == 2:
             kwargs.update(dropout_p=dropout_p, deterministic=_probe.deterministic())
+        wants_lse = return_lse or sinks is not None
+        if softcap is not None or window is not None or wants_lse:  # the later arguments: only when given
+            kwargs.update(_extra_kwargs(version, softcap, window, wants_lse))
         module = library()
         if varlen:
-            return _varlen.run_varlen(module.flash_attn_varlen_func, query, key, value, attn_mask, **kwargs)
-        out = module.flash_attn_func(query, key, value, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+            result = _varlen.run_varlen(
+                module.flash_attn_varlen_func, query, key, value, attn_mask, lse=wants_lse, **kwargs
+            )
+            out, lse = result if wants_lse else (result, None)
+        else:
+            result = module.flash_attn_func(query, key, value, **kwargs)
+            out = result[0] if isinstance(result, tuple) else result
+            lse = _extras.lse_bhs(result[1]) if wants_lse else None
+        if lse is None:
+            return out
+        if sinks is not None:
+            out = _extras.add_sinks(out, lse, sinks)
+        return (out, lse) if return_lse else out
 
     flash.__name__ = flash.__qualname__ = f"flash{'' if version == 2 else version}{'_varlen' if varlen else ''}"
     return flash
+
+
+def _extra_kwargs(version: int, softcap: float | None, window: tuple[int, int] | None, lse: bool) -> dict[str, Any]:
+    # flash-attn 2 (2.6.0+: softcap; 2.3.0+: window_size) and FA3 take window_size (left, right) with -1 unbounded
+    # and return (out, softmax_lse (batch, heads, seq_q), ...) with return_attn_probs; FA4 takes None for unbounded
+    # and returns (out, lse) always, the lse only with return_lse (or inputs that require grad).
+    kwargs: dict[str, Any] = {}
+    if softcap is not None:
+        kwargs["softcap"] = softcap
+    if window is not None:
+        kwargs["window_size"] = window if version < 4 else tuple(None if side < 0 else side for side in window)
+    if lse:
+        kwargs["return_lse" if version == 4 else "return_attn_probs"] = True
+    return kwargs
+
+
+# What every FlashAttention kernel serves of the later arguments: soft-capping and windows in the kernel (a window
+# aligned bottom-right like its causal mask, so only for seq_q == seq_kv: causal_cross=False refuses the rest), the
+# lse without a gradient (the autograd functions' backward ignores it), sinks from the lse (forward only: the
+# check refuses them when inputs require grad). Varlen kernels take no window: keys packed with their padding
+# removed move the window.
+EXTRAS: dict[str, Any] = {"softcap": True, "window": True, "sinks": True, "return_lse": True, "lse_grad": False}
+VARLEN_EXTRAS: dict[str, Any] = {"window": False}
+
+
+def extras_reasons(call: CallSpec) -> list[str]:
+    """Per-call rules of the later arguments on every FlashAttention kernel (pip and Hub)."""
+    reasons = []
+    if call.sinks and call.needs_grad:
+        reasons.append("serves sinks from its lse, which has no gradient (sinks with inputs that require grad)")
+    if (call.softcap or call.window) and call.device_type == "cuda" and _probe.amd_gpu():
+        # flash-attn 2.8.3's ROCm Triton backend (flash_attn_triton_amd/interface_fa.py fwd) passes neither softcap
+        # nor window_size to its kernels: the result would be unmodified attention.
+        reasons.append("ignores softcap and window_size on AMD GPUs (flash-attn 2.8.3's ROCm Triton backend)")
+    return reasons
 
 
 # What FlashAttention-2 serves; FlashAttention-3 (and 4) differ as FA3 says. Shared with the Hub builds below.
@@ -101,6 +155,7 @@ FA2 = Capabilities(
     same_v_head_dim=True,
     causal_cross=False,
     min_compute_capability=(8, 0),
+    **EXTRAS,
 )
 FA3 = dataclasses.replace(
     FA2,
@@ -114,12 +169,14 @@ FA3 = dataclasses.replace(
 
 def flash2_caps(masks: frozenset[str], priority: int, **overrides: Any) -> Capabilities:
     """What FlashAttention-2 serves with ``masks`` at ``priority`` (shared with flash_hub / flash_varlen_hub)."""
-    return dataclasses.replace(FA2, masks=masks, priority=priority, **overrides)
+    extras = VARLEN_EXTRAS if MASK_KEY_PADDING in masks else {}
+    return dataclasses.replace(FA2, masks=masks, priority=priority, **{**extras, **overrides})
 
 
 def flash3_caps(masks: frozenset[str], priority: int, **overrides: Any) -> Capabilities:
     """What FlashAttention-3 serves (shared with _flash_3_hub / _flash_3_varlen_hub)."""
-    return dataclasses.replace(FA3, masks=masks, priority=priority, **overrides)
+    extras = VARLEN_EXTRAS if MASK_KEY_PADDING in masks else {}
+    return dataclasses.replace(FA3, masks=masks, priority=priority, **{**extras, **overrides})
 
 
 # ----- FlashAttention-4 (flash_attn/cute/interface.py), shared by flash_4 and flash_4_hub -----------------------
@@ -235,13 +292,13 @@ def _module(name: str) -> Callable[[], Any]:
 _FA2: dict[str, Any] = {
     "family": "flash",
     "requires": _probe.requires("flash_attn", "flash-attn", FLASH_VERSION, FLASH_HINT),
-    "check": _probe.library_check("flash_attn"),
+    "check": _probe.library_check("flash_attn", extras_reasons),
     "kernel": True,
 }
 _FA3: dict[str, Any] = {
     "family": "flash",
     "requires": _probe.requires("flash_attn_interface", "flash-attn-3", hint=FA3_HINT, device="nvidia"),
-    "check": _probe.library_check("flash_attn_interface"),
+    "check": _probe.library_check("flash_attn_interface", extras_reasons),
     "kernel": True,
 }
 
@@ -294,7 +351,7 @@ define(
     family="flash",
     requires=flash4_requires,
     # The release is read at each check (not once here), so an upgrade in this process counts after refresh().
-    check=_probe.library_check(FA4_MODULE, flash4_check(lambda: flash4_release())),
+    check=_probe.library_check(FA4_MODULE, flash4_check(lambda: flash4_release()), extras_reasons),
     kernel=True,
 )
 
@@ -307,6 +364,7 @@ hub.define_hub(
     flash2_caps(NO_MASK, priority=0),
     "FlashAttention-2 from kernels-community/flash-attn2 (Hub, opt-in)",
     _probe.compiled_dropout_reasons,
+    extras_reasons,
 )
 hub.define_hub(
     "flash_varlen_hub",
@@ -314,18 +372,21 @@ hub.define_hub(
     flash2_caps(KEY_PADDING, priority=0),
     "FlashAttention-2 varlen from kernels-community/flash-attn2 (Hub, opt-in): key-padding masks",
     _probe.compiled_dropout_reasons,
+    extras_reasons,
 )
 hub.define_hub(
     "_flash_3_hub",
     flash_kernel(hub.module("_flash_3_hub"), version=3),
     flash3_caps(NO_MASK, priority=0),
     "FlashAttention-3 from kernels-community/flash-attn3 (Hub, opt-in); sm90",
+    extras_reasons,
 )
 hub.define_hub(
     "_flash_3_varlen_hub",
     flash_kernel(hub.module("_flash_3_varlen_hub"), version=3, varlen=True),
     flash3_caps(KEY_PADDING, priority=0),
     "FlashAttention-3 varlen from kernels-community/flash-attn3 (Hub, opt-in): key-padding masks; sm90",
+    extras_reasons,
 )
 hub.define_hub(
     "flash_4_hub",
@@ -333,4 +394,5 @@ hub.define_hub(
     dataclasses.replace(FA4, priority=0),
     "FlashAttention-4 (CuTe DSL) from kernels-community/flash-attn4 (Hub, opt-in); release unknown: sm90-sm110",
     flash4_check(lambda: None),  # which FA4 release the Hub build packages is not known: the rules of every release
+    extras_reasons,
 )

@@ -1,8 +1,11 @@
 """FlexAttention (torch.nn.attention.flex_attention), compiled.
 
 Eager flex_attention is a slow reference implementation, so this backend always runs the compiled kernel
-(Triton on CUDA, C++ on CPU). Causality becomes a BlockMask (cached per shape and device, so fully masked
-blocks are skipped); other masks become a score_mod that adds the normalised mask.
+(Triton on CUDA, C++ on CPU). Causality and sliding windows become a BlockMask (cached per shape, window and
+device, so fully masked blocks are skipped); other masks become a score_mod that adds the normalised mask, after
+the soft-capping (``softcap * tanh(score / softcap)``, on the scaled score flex passes to score_mod). The lse comes
+from ``return_aux=AuxRequest(lse=True)`` (torch 2.13: (B, H, Sq), converted from the kernel's base 2 to natural
+log in flex_attention.py; its backward takes the lse's gradient), and sinks from it (out * sigmoid(lse - sink)).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
+from attnpatch.backends import _extras
 from attnpatch.backends._define import define
 from attnpatch.core import masks
 from attnpatch.core.call import CallSpec
@@ -36,6 +40,29 @@ def _make_causal_block_mask(seq_q: int, seq_kv: int, device: str) -> Any:
 _causal_block_mask = functools.lru_cache(maxsize=64)(_make_causal_block_mask)
 
 
+def _make_window_block_mask(left: int, right: int, seq_q: int, seq_kv: int, device: str) -> Any:
+    # Query i attends key j iff i - left <= j <= i + right, top-left aligned; -1 = unbounded on that side.
+    def window(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        keep = q_idx >= 0  # all True, in the index tensors' shape
+        if left >= 0:
+            keep = keep & (kv_idx >= q_idx - left)
+        if right >= 0:
+            keep = keep & (kv_idx <= q_idx + right)
+        return keep
+
+    return create_block_mask(window, None, None, seq_q, seq_kv, device=device)
+
+
+_window_block_mask = functools.lru_cache(maxsize=64)(_make_window_block_mask)
+
+
+def _make_scalar(value: float, device: str) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+_scalar = functools.lru_cache(maxsize=16)(_make_scalar)
+
+
 def flex(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -45,39 +72,78 @@ def flex(
     is_causal: bool,
     scale: float | None,
     enable_gqa: bool,
-) -> torch.Tensor:
-    """Compiled flex_attention on (batch, seq, heads, head_dim) tensors; see the module docstring."""
+    *,
+    softcap: float | None = None,
+    window: tuple[int, int] | None = None,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> Any:
+    """Compiled flex_attention on (batch, seq, heads, head_dim) tensors; see the module docstring.
+
+    Returns out (batch, seq_q, heads, head_dim_v), with ``return_lse`` (out, lse (batch, seq_q, heads) float32).
+    """
     if 0 in (query.shape[0], query.shape[1], key.shape[1]):
         # Nothing to compute, and flex's compiled kernel dies on it (seq_kv 0: "Floating point exception", which
         # kills the interpreter; batch 0 with a mask: IndexError). Rows with no key to attend are 0, as everywhere.
-        return query.new_zeros((*query.shape[:3], value.shape[-1]))
+        out = query.new_zeros((*query.shape[:3], value.shape[-1]))
+        return (out, query.new_full(query.shape[:3], float("-inf"), dtype=torch.float32)) if return_lse else out
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     batch, heads, seq_q, _ = q.shape
     seq_kv = k.shape[2]
     score_mod = None
     block_mask = None
-    if attn_mask is not None:
-        bias = masks.to_additive(attn_mask, torch.float32).expand(batch, heads, seq_q, seq_kv)
-
-        def score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-            return score + bias[b, h, q_idx, kv_idx]
-
     # Inside an outer torch.compile the caches below cannot be traced; the outer compile compiles flex anyway.
     compiling = torch.compiler.is_compiling()
-    if attn_mask is None and is_causal:
+    if attn_mask is not None or softcap is not None:
+        bias = (
+            None
+            if attn_mask is None
+            else masks.to_additive(attn_mask, torch.float32).expand(batch, heads, seq_q, seq_kv)
+        )
+        # A tensor, not the float: a float captured by score_mod becomes a symbolic value once it changes between
+        # calls (automatic dynamic), which flex's lowering rejects ("unbacked_bindings", torch 2.13 on CPU).
+        cap = None if softcap is None else (_make_scalar if compiling else _scalar)(softcap, str(q.device))
+
+        def score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            if cap is not None:
+                score = cap * torch.tanh(score / cap)
+            return score if bias is None else score + bias[b, h, q_idx, kv_idx]
+
+    if window is not None:
+        if is_causal:  # causal and a window (left, right): the window (left, 0)
+            window = (window[0], 0)
+        make_window: Callable[..., Any] = _make_window_block_mask if compiling else _window_block_mask
+        block_mask = make_window(*window, seq_q, seq_kv, str(q.device))
+    elif attn_mask is None and is_causal:
         make: Callable[..., Any] = _make_causal_block_mask if compiling else _causal_block_mask
         block_mask = make(seq_q, seq_kv, str(q.device))
     kernel = cast(Callable[..., Any], flex_attention) if compiling else _compiled()
-    out = kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != heads)
-    return masks.zero_fully_masked(out.transpose(1, 2), attn_mask)
+    aux = AuxRequest(lse=True) if return_lse or sinks is not None else None
+    result = kernel(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != heads, return_aux=aux
+    )
+    if aux is None:
+        return masks.zero_fully_masked(result.transpose(1, 2), attn_mask)
+    out, lse = result[0].transpose(1, 2), _extras.lse_bhs(result[1].lse, _extras.empty_rows(attn_mask))
+    out = masks.zero_fully_masked(out, attn_mask)
+    if sinks is not None:
+        out = _extras.add_sinks(out, lse, sinks)
+    return (out, lse) if return_lse else out
 
 
 def _device_reasons(call: CallSpec) -> list[str]:
     # Capabilities per device: torch has no FlexAttention backward on CPU ("FlexAttention does not support backward
-    # on CPU", torch 2.13), so a CPU call that needs gradients goes elsewhere.
-    if call.needs_grad and call.device_type == "cpu":
-        return ["FlexAttention has no backward pass on CPU (inputs require grad)"]
-    return []
+    # on CPU", torch 2.13), so a CPU call that needs gradients goes elsewhere, and no lse there.
+    if call.device_type != "cpu":
+        return []
+    reasons = []
+    if call.needs_grad:
+        reasons.append("FlexAttention has no backward pass on CPU (inputs require grad)")
+    if call.return_lse or call.sinks:
+        # torch 2.13 inductor/kernel/flex/flex_cpu.py: "torch.compile on CPU only supports inference and
+        # `return_lse` is not supported yet"; sinks are served from the lse.
+        reasons.append("FlexAttention's CPU kernel returns no lse (return_lse, sinks)")
+    return reasons
 
 
 define(
@@ -90,6 +156,11 @@ define(
         min_head_dim=1,
         dropout=False,
         priority=5,
+        softcap=True,
+        window=True,
+        sinks=True,
+        return_lse=True,
+        lse_grad=True,  # its backward takes the lse's gradient (grad_logsumexp in _higher_order_ops/flex_attention.py)
     ),
     check=lambda call: _device_reasons(call),
     description="torch FlexAttention, compiled (BlockMask for causal, score_mod for masks)",

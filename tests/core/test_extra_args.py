@@ -135,6 +135,7 @@ CASES = [
     Case("lse_left_pad", lse=True, mask="left_pad"),
     Case("lse_causal_cross", lse=True, causal=True, seq_q=5, seq_kv=9),
     Case("lse_fully_masked_rows", lse=True, window=(1, 0), seq_q=12, seq_kv=5),
+    Case("softcap_window_gqa_left_pad", softcap=1.0, window=(4, 0), mask="left_pad", heads=8, heads_kv=2),
     Case("softcap_window_sinks_gqa", softcap=1.0, window=(4, 0), sinks=True, heads=8, heads_kv=2, lse=True),
     Case(
         "all_left_pad_cross_odd_dim",
@@ -209,7 +210,15 @@ def test_backend_matches_float64_reference(backend: registry.Backend, case: Case
 
 
 # flex compiles a kernel per call kind (~5 s each on 2 cores): a representative subset.
-FLEX_CASES = {"softcap", "window_cross_77", "lse_left_pad", "all_left_pad_cross_odd_dim", "bf16_all"}
+FLEX_CASES = {
+    "softcap",
+    "window_cross_77",
+    "lse_left_pad",
+    "window_cross_more_queries",
+    "softcap_window_gqa_left_pad",
+    "all_left_pad_cross_odd_dim",
+    "bf16_all",
+}
 
 
 def test_each_argument_is_served_by_the_references() -> None:

@@ -52,9 +52,20 @@ def flash_attn_func(
         softcap=softcap,
         deterministic=deterministic,
     )
-    out = attention(q, k, v, scale=softmax_scale, causal="bottom_right" if causal else None, dropout_p=dropout_p)
-    if return_attn_probs:
-        return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1]), None
+    lse: list[torch.Tensor] = []
+    out = attention(
+        q,
+        k,
+        v,
+        scale=softmax_scale,
+        causal="bottom_right" if causal else None,
+        dropout_p=dropout_p,
+        softcap=softcap,
+        window=None if tuple(window_size) == (-1, -1) else tuple(window_size),
+        lse=lse,
+    )
+    if return_attn_probs:  # (out, softmax_lse (batch, nheads, seqlen_q) float32, S_dmask): S_dmask only with dropout
+        return out, lse[0], None
     return out
 
 
@@ -91,8 +102,10 @@ def flash_attn_varlen_func(
         softmax_scale=softmax_scale,
         causal=causal,
         deterministic=deterministic,
+        window_size=window_size,
+        softcap=softcap,
     )
-    return varlen(
+    out, lse = varlen(
         q,
         k,
         v,
@@ -104,7 +117,11 @@ def flash_attn_varlen_func(
         causal,
         dropout_p,
         "bottom_right",
+        softcap=softcap,
+        window=None if tuple(window_size) == (-1, -1) else tuple(window_size),
     )
+    # softmax_lse of the varlen path: (nheads, total_q) float32 (flash_attn_interface.py _flash_attn_varlen_forward)
+    return (out, lse, None) if return_attn_probs else out
 
 
 def varlen(
@@ -120,8 +137,12 @@ def varlen(
     dropout_p,
     alignment,
     empty_rows="zero",
+    softcap=0.0,
+    window=None,
 ):
-    """Reference varlen attention, sequence by sequence, checking what the real kernels rely on."""
+    """Reference varlen attention, sequence by sequence, checking what the real kernels rely on.
+
+    Returns (out (total_q, nheads, headdim_v), lse (nheads, total_q) float32)."""
     assert q.dim() == 3 and k.dim() == 3 and v.dim() == 3, "FAKE varlen: (total, nheads, headdim) inputs"
     _check(q, k, v)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -130,13 +151,26 @@ def varlen(
     assert int(cu_seqlens_q[-1]) == q.shape[0] and int(cu_seqlens_k[-1]) == k.shape[0], "FAKE varlen: totals"
     lengths_q, lengths_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
     assert int(lengths_q.max()) <= max_seqlen_q and int(lengths_k.max()) <= max_seqlen_k, "FAKE varlen: max_seqlen"
-    outs = []
+    outs, lses = [], []
     for b in range(cu_seqlens_q.numel() - 1):
         qs = q[int(cu_seqlens_q[b]) : int(cu_seqlens_q[b + 1])][None]
         ks = k[int(cu_seqlens_k[b]) : int(cu_seqlens_k[b + 1])][None]
         vs = v[int(cu_seqlens_k[b]) : int(cu_seqlens_k[b + 1])][None]
         causal_mode = alignment if causal else None
+        lse: list[torch.Tensor] = []
         outs.append(
-            attention(qs, ks, vs, scale=scale, causal=causal_mode, dropout_p=dropout_p, empty_rows=empty_rows)[0]
+            attention(
+                qs,
+                ks,
+                vs,
+                scale=scale,
+                causal=causal_mode,
+                dropout_p=dropout_p,
+                empty_rows=empty_rows,
+                softcap=softcap,
+                window=window,
+                lse=lse,
+            )[0]
         )
-    return torch.cat(outs)
+        lses.append(lse[0][0])
+    return torch.cat(outs), torch.cat(lses, dim=1)

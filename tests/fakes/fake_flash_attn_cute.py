@@ -129,9 +129,13 @@ def flash_attn_func(
         return_lse=return_lse,
     )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    out = attention(q, k, v, scale=scale, causal="bottom_right" if causal else None)
+    assert learnable_sink is None, "FAKE FA4: learnable_sink is not faked"
+    full: list[torch.Tensor] = []
+    window = None if tuple(window_size) == (None, None) else tuple(window_size)
+    causal_mode = "bottom_right" if causal else None
+    out = attention(q, k, v, scale=scale, causal=causal_mode, softcap=softcap or 0.0, window=window, lse=full)
     requires_grad = any(t.requires_grad for t in (q, k, v))
-    lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1]) if requires_grad or return_lse else None
+    lse = full[0] if requires_grad or return_lse else None  # (batch, nheads, seqlen_q) float32
     if requires_grad and torch.is_grad_enabled():
         out = _Backward.apply(out)
     return out, lse

@@ -53,11 +53,15 @@ def flash_attn_func(
         softmax_scale=softmax_scale,
         causal=causal,
         window_size=window_size,
+        softcap=softcap,
         deterministic=deterministic,
     )
-    out = attention(q, k, v, scale=softmax_scale, causal="bottom_right" if causal else None)
-    lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1])
-    return (out, lse) if (BETA or return_attn_probs) else out
+    lse: list[torch.Tensor] = []
+    window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
+    out = attention(
+        q, k, v, scale=softmax_scale, causal="bottom_right" if causal else None, softcap=softcap, window=window, lse=lse
+    )
+    return (out, lse[0]) if (BETA or return_attn_probs) else out  # softmax_lse (batch, nheads, seqlen_q)
 
 
 def flash_attn_varlen_func(
@@ -99,8 +103,12 @@ def flash_attn_varlen_func(
         max_seqlen_k=max_seqlen_k,
         softmax_scale=softmax_scale,
         causal=causal,
+        window_size=window_size,
+        softcap=softcap,
     )
-    out = fake_flash_attn.varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, 0.0, "bottom_right"
-    )
-    return (out, torch.zeros(q.shape[1], q.shape[0])) if (BETA or return_attn_probs) else out
+    window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
+    out, lse = fake_flash_attn.varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, 0.0, "bottom_right",
+        softcap=softcap, window=window,
+    )  # fmt: skip
+    return (out, lse) if (BETA or return_attn_probs) else out  # softmax_lse (nheads, total_q)

@@ -189,4 +189,4 @@ def sageattn_varlen(
         0.0,
         "top_left",
         empty_rows="nan",
-    )
+    )[0]
