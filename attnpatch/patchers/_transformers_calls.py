@@ -8,6 +8,7 @@ more than plain softmax attention (found by reading their code). Each refusal is
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -188,7 +189,7 @@ def gqa_as_transformers(
     functions = sys.modules.get("transformers.integrations.sdpa_attention")
     use_gqa = getattr(functions, "use_gqa_in_sdpa", None)
     n_rep = query.shape[1] // key.shape[1]
-    if use_gqa is not None and use_gqa(mask, key, value):
+    if use_gqa is not None and (use_gqa(mask, key, value) if _takes_value(use_gqa) else use_gqa(mask, key)):
         return query, key, value, mask, 0
     pack = getattr(functions, "pack_gqa", None)
     if pack is not None and query.shape[2] == 1 and not torch.compiler.is_compiling():
@@ -197,3 +198,9 @@ def gqa_as_transformers(
     if repeat is None:
         return query, key, value, mask, 0
     return query, repeat(key, n_rep), repeat(value, n_rep), mask, 0
+
+
+@functools.cache
+def _takes_value(use_gqa: Callable[..., bool]) -> bool:
+    # use_gqa_in_sdpa(attention_mask, key) before transformers 5, (attention_mask, key, value) since.
+    return len(parameters(use_gqa)) >= 3
