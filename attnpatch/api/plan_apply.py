@@ -78,11 +78,12 @@ class _Tracker:
             else:
                 self.origins[site] = rule.label
 
-    def before_denoiser(self, pipeline: Any, kwargs: dict[str, Any]) -> None:
+    def before_denoiser(self, pipeline: Any) -> None:
         if not self.started:
             self.started = True
-            if self.total is None and pipeline is not None:
-                self.total = _num_timesteps(pipeline)
+            if self.given_total is None and pipeline is not None:
+                # What the pipeline runs (an img2img strength cuts the schedule), over num_inference_steps.
+                self.total = _num_timesteps(pipeline) or self.total
         elif self.stepped or not self.counts_scheduler:
             self.step += 1
         self.stepped = False
@@ -127,7 +128,7 @@ def apply_plan(obj: Any, plan: Any, steps: int | None = None) -> Any:
         tracker.restart()
         roots = [c for name, c in api.components(obj) if name in DENOISERS] if pipeline is not None else [obj]
         for root in roots:
-            tracker.handles.append(root.register_forward_pre_hook(_denoiser_hook(obj), with_kwargs=True))
+            tracker.handles.append(root.register_forward_pre_hook(_denoiser_hook(obj)))
         if pipeline is not None:
             _hook_scheduler(tracker, pipeline)
             _wrap_class(type(pipeline))
@@ -206,11 +207,11 @@ def _num_timesteps(pipeline: Any) -> int | None:
 def _denoiser_hook(root: Any) -> Any:
     ref = weakref.ref(root)
 
-    def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+    def hook(module: Any, args: Any) -> None:
         owner = ref()
         tracker = _trackers.get(owner) if owner is not None else None
         if tracker is not None and not torch.compiler.is_compiling():
-            tracker.before_denoiser(owner if api.is_pipeline(owner) else None, kwargs)
+            tracker.before_denoiser(owner if api.is_pipeline(owner) else None)
 
     return hook
 
