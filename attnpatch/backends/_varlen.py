@@ -61,6 +61,7 @@ def run_varlen(
     *,
     copy_key: bool = False,
     lse: bool = False,
+    lse_rows_first: bool = False,
     **kwargs: Any,
 ) -> Any:
     """``kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs)`` on packed keys.
@@ -70,7 +71,8 @@ def run_varlen(
     key to attend gets 0. ``copy_key``: for kernels that modify the key in place (without a mask, packing is a
     view of the caller's key). A kernel that returns ``(out, lse, ...)`` has its output taken; with ``lse`` (the
     caller asked the kernel for it) the result is (out, lse (batch, seq_q, heads) float32) from the kernel's
-    (heads, total_q) lse, -inf for an entry with no key.
+    (heads, total_q) lse (``lse_rows_first``: (total_q, heads), as flash-attn 2.8.3's ROCm Triton backend returns
+    it), -inf for an entry with no key.
     """
     batch, seq_q = query.shape[0], query.shape[1]
     packed_key, packed_value, cu_seqlens_k = pack_keys(key, value, attn_mask)
@@ -90,7 +92,13 @@ def run_varlen(
     if not lse:
         return result
     heads = query.shape[2]
-    packed_lse = out[1].view(heads, batch, seq_q).permute(1, 2, 0)  # every query row is kept: a reshape
+    packed_lse = out[1].transpose(0, 1) if lse_rows_first else out[1]
+    if packed_lse.shape != (heads, batch * seq_q):
+        raise RuntimeError(
+            f"varlen kernel returned an lse of shape {tuple(out[1].shape)}, expected (heads={heads}, "
+            f"total_q={batch * seq_q}){' transposed' if lse_rows_first else ''}: its layout changed; report it"
+        )
+    packed_lse = packed_lse.view(heads, batch, seq_q).permute(1, 2, 0)  # every query row is kept: a reshape
     empty = None
     if attn_mask is not None:
         empty = ~masks.to_bool(attn_mask).flatten(1).any(dim=1).view(-1, 1, 1)  # (batch|1, 1, 1)

@@ -94,8 +94,19 @@ def flash_kernel(library: Callable[[], Any], *, version: int = 2, varlen: bool =
             kwargs.update(_extra_kwargs(version, softcap, window, wants_lse))
         module = library()
         if varlen:
+            # flash-attn 2.8.3's ROCm Triton backend returns the varlen lse (total_q, heads), CUDA (heads, total_q).
+            rows_first = wants_lse and bool(
+                getattr(getattr(module, "flash_attn_interface", None), "USE_TRITON_ROCM", 0)
+            )
             result = _varlen.run_varlen(
-                module.flash_attn_varlen_func, query, key, value, attn_mask, lse=wants_lse, **kwargs
+                module.flash_attn_varlen_func,
+                query,
+                key,
+                value,
+                attn_mask,
+                lse=wants_lse,
+                lse_rows_first=rows_first,
+                **kwargs,
             )
             out, lse = result if wants_lse else (result, None)
         else:

@@ -158,3 +158,61 @@ def test_flash_refuses_before_sm80(strict) -> None:
     query, key, value = _qkv(1, 16, 16, 2, 2, 64, torch.float16)
     with emulate_device("cuda", capability=(7, 5)), pytest.raises(attnpatch.UnsupportedCall, match=r"8\.0"):
         attnpatch.dispatch_attention(query, key, value, backend="flash")
+
+
+# ----- the later arguments (issue #12): lse and sinks on the real interface; what its ROCm path ignores ----------
+
+
+def _reference_lse(query, key, value, keep=None, scale=None):
+    # float64 log-sum-exp (batch, seq_q, heads) of the scaled logits, -inf on rows with no key
+    q, k = query.double().transpose(1, 2), key.double().transpose(1, 2)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return torch.logsumexp(logits, dim=-1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("heads_kv", [4, 2], ids=["mha", "gqa"])
+def test_flash_lse_and_sinks_match_float64(strict, heads_kv: int) -> None:
+    # The lse comes from flash_attn_func(..., return_attn_probs=True): softmax_lse (batch, heads, seq_q), natural log
+    # (fwd_ref.py converts its base-2 sums with LN2); attnpatch returns it (batch, seq_q, heads) float32.
+    query, key, value = _qkv(2, 77, 77, 4, heads_kv, 64, torch.float16)
+    sinks = torch.linspace(-1.0, 2.0, 4)
+    with emulate_device("cuda", capability=(8, 0)):
+        out, lse = attnpatch.dispatch_attention(query, key, value, scale=0.1, backend="flash", return_lse=True)
+        sunk = attnpatch.dispatch_attention(query, key, value, scale=0.1, backend="flash", sinks=sinks)
+    want_lse = _reference_lse(query, key, value, scale=0.1)
+    assert lse.shape == (2, 77, 4) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-3, rtol=2e-3)
+    expected = reference_attention(query, key, value, scale=0.1)
+    _assert_matches("flash", out, expected, torch.float16)
+    _assert_matches("flash", sunk, expected * torch.sigmoid(want_lse - sinks.double()).unsqueeze(-1), torch.float16)
+
+
+def test_flash_varlen_lse_left_padding_matches_float64(strict) -> None:
+    query, key, value = _qkv(3, 77, 77, 4, 2, 64, torch.float16)
+    mask = _left_padded(3, 77, [20, 77, 0])  # entry 1 has no key: out 0, lse -inf
+    with emulate_device("cuda", capability=(8, 0)):
+        out, lse = attnpatch.dispatch_attention(
+            query, key, value, attn_mask=mask, backend="flash_varlen", return_lse=True
+        )
+    want = _reference_lse(query, key, value, keep=mask)
+    assert torch.isneginf(lse[1]).all() and torch.isfinite(lse[[0, 2]]).all()
+    torch.testing.assert_close(lse[[0, 2]].double(), want[[0, 2]], atol=2e-3, rtol=2e-3)
+    _assert_matches("flash_varlen", out, reference_attention(query, key, value, attn_mask=mask), torch.float16)
+
+
+def test_flash_rocm_triton_path_ignores_softcap_and_window() -> None:
+    # flash-attn 2.8.3's ROCm Triton backend (flash_attn_triton_amd/interface_fa.py fwd) builds its metadata without
+    # softcap or window_size: both change nothing. This is why attnpatch refuses them on AMD GPUs.
+    query, key, value = _qkv(1, 33, 33, 2, 2, 64, torch.float16)
+    plain = flash_attn_interface.flash_attn_func(query, key, value)
+    capped = flash_attn_interface.flash_attn_func(query, key, value, softcap=0.5, window_size=(2, 2))
+    assert torch.equal(plain, capped)
+    with emulate_device("cuda", capability=(9, 4), rocm=True), pytest.raises(attnpatch.UnsupportedCall, match="AMD"):
+        attnpatch.set_strict(True)
+        try:
+            attnpatch.dispatch_attention(query, key, value, backend="flash", softcap=0.5)
+        finally:
+            attnpatch.set_strict(False)
