@@ -16,20 +16,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
-import warnings
-from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from attnpatch.core import forksafe, hooks, masks, registry, selection
+from attnpatch.core import accounting, hooks, masks, registry, selection
+
+# Re-exported: the report, the patchers and users' tests read the counts from the router.
+from attnpatch.core.accounting import (  # noqa: F401
+    FallbackKey,
+    fallback_counts,
+    note_passthrough,
+    passthrough_counts,
+    reset_fallbacks,
+)
 from attnpatch.core.call import MASK_NONE, CallSpec, ExtraArgs, check_extras, extras_signature
 from attnpatch.core.checks import run_checks
 from attnpatch.core.registry import Backend
 from attnpatch.core.selection import AUTO, Chain
-from attnpatch.errors import AttnpatchWarning, CheckFailed, UnsupportedCall
+from attnpatch.errors import CheckFailed, UnsupportedCall
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -38,36 +44,36 @@ if TYPE_CHECKING:
 # module globals (a function call or another module's attribute costs measurable time per attention call).
 _scope = selection.scope
 _default: Chain | None = None  # None until the settings are loaded (the first call loads them)
-_plain = True  # no checks and no observers: the fast path may run
+_plain = True  # no checks and no observers: decisions may be cached
+_fast = True  # _plain and no per-site override: a chain's first backend may be called with no per-call check
 _contexts = 0  # attention_backend blocks open in eager code; none: only the thread-local (compiled blocks) is read
 _strict = False
 
-FallbackKey = tuple[str, str, str, str]  # (requested chain, refusing backend, serving backend, reason)
-_fallbacks: Counter[FallbackKey] = Counter()
+_fallbacks = accounting.fallbacks  # the Counter itself (cleared in place): one global read per counted call
 # (chain, site, shapes, dtype, device, mask kind, causal, dropout, scale given, grad) -> (backend, fallback keys)
 _decisions: dict[tuple[Any, ...], tuple[Backend, tuple[FallbackKey, ...]]] = {}
-# (site, reason) -> calls that a patcher passed to the library's own code untouched (softcap, return_lse, ...).
-_passthroughs: Counter[tuple[str | None, str]] = Counter()
-_warned: set[tuple[str, str]] = set()
-_warnings_per_backend: dict[str, int] = {}
 _reason_cache: dict[tuple[str, CallSpec], list[str]] = {}
 # Bounds on what grows with the number of distinct call shapes (a decode loop, a dynamic-resolution pipeline):
-# reasons per call kind are recomputed after the cache is dropped; fallback counts beyond the limit aggregate.
+# reasons per call kind are recomputed after the cache is dropped (fallback counts: attnpatch.core.accounting).
 MAX_REASON_CACHE = 4096
 MAX_DECISIONS = 1024
-MAX_FALLBACK_KINDS = 1024
-MAX_WARNINGS_PER_BACKEND = 20
-OTHER_REASONS = "(other reasons: more distinct reasons than the report itemises)"
-_lock = forksafe.Lock()
+# Selections passed per call (``backend="auto"``), resolved once: the dispatcher's own copy, dropped on any change.
+_resolved: dict[str | Chain, Chain] = {}
+MAX_RESOLVED = 256
+# Bound once: each module attribute read costs ~40 ns per call. torch.compile recognises the function itself.
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 _NO_EXTRA: dict[str, Any] = {}  # a call without later arguments (never written to)
 
 
 def _sync() -> None:
-    global _default, _plain, _strict, _contexts
+    global _default, _plain, _fast, _strict, _contexts
     # Reading a setting loads them all (from the environment where not set explicitly).
     _strict = selection.strict()
     _plain = not selection.checks() and not hooks.observers
-    _decisions.clear()  # strict mode, checks, the auto chooser: decisions may differ now
+    _fast = _plain and not hooks.has_site_overrides()
+    _decisions.clear()
+    _resolved.clear()  # strict mode, checks, the auto chooser: decisions may differ now
     _default = selection.loaded_default()
     _contexts = selection.open_contexts()
 
@@ -75,6 +81,7 @@ def _sync() -> None:
 def _registry_changed() -> None:
     _reason_cache.clear()
     _decisions.clear()
+    _resolved.clear()
 
 
 registry.on_change(_registry_changed)
@@ -118,20 +125,30 @@ def dispatch_attention(
         logaddexp(lse, sink)). This is the layout diffusers' context parallelism (ring / Ulysses) takes from its
         backends' forward ops. Query rows with no key to attend: out 0, lse -inf.
     """
-    # Fast path, kept inline (each Python call level costs ~0.1 us): no per-call backend, no later arguments, no
-    # checks, no observers, and a selection whose first backend serves every call (a mask is normalised here).
+    # Fast path, kept inline (each Python call level costs ~0.1 us): no later arguments, no checks, no observers,
+    # no per-site override. A selection whose first backend serves every call calls it here (a mask is normalised
+    # first); any other (auto, a chain, a kernel with rules) goes straight to the decision cache of _route_slow.
     # The later arguments arrive in a dict (one truth test) rather than as keyword-only parameters, whose defaults
     # cost a dictionary lookup each on every call.
-    if backend is None and not extra and _plain:
-        local = _scope
-        chain = local.module or (selection.context_chain() if _contexts else local.context) or _default
-        if chain is not None and chain.fast is not None:
+    if not extra and _fast:
+        if backend is None:
+            local = _scope
+            chain = local.module or (selection.context_chain() if _contexts else local.context) or _default
+        else:
+            chain = _resolved.get(backend) or _resolve(backend)
+        if chain is not None:
+            kind = MASK_NONE
             if attn_mask is not None:
                 attn_mask, kind = masks.normalize(attn_mask, query, key)
                 if is_causal:
                     attn_mask, kind = masks.fold_causal(attn_mask, kind, query.shape[1], key.shape[1])
                     is_causal = False
-            return chain.fast.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            fast = chain.fast
+            if fast is not None:
+                return fast.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            return _route_slow(
+                chain, query, key, value, attn_mask, kind, dropout_p, is_causal, scale, enable_gqa, None, _NO_EXTRA
+            )
     if extra:  # a separate call: route(..., **extra) makes route parse a dict of keywords, ~0.3 us, even if empty
         return route(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                      enable_gqa=enable_gqa, backend=backend, **extra)  # fmt: skip
@@ -175,7 +192,7 @@ def route(
             args = (query, key, value, attn_mask, kind, dropout_p, is_causal, scale, enable_gqa, site, given)
             return _route_slow(chain, *args)
     fast = chain.fast
-    if fast is not None and _plain:
+    if fast is not None and _fast:
         return fast.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return _route_slow(
         chain, query, key, value, attn_mask, kind, dropout_p, is_causal, scale, enable_gqa, site, _NO_EXTRA
@@ -186,9 +203,17 @@ def effective_chain(backend: str | Chain | None = None, module_chain: Chain | No
     """The chain :func:`route` would use with these arguments, here and now (for adapters that lay a call out
     the way the library would for the backend that serves it)."""
     if backend is not None:
-        return selection.resolve(backend)
+        return _resolved.get(backend) or _resolve(backend)
     context = selection.context_chain() if _contexts else _scope.context
     return module_chain or _scope.module or context or _default or selection.default_chain()
+
+
+def _resolve(backend: str | Chain) -> Chain:
+    chain = selection.resolve(backend)
+    if len(_resolved) >= MAX_RESOLVED:
+        _resolved.clear()
+    _resolved[backend] = chain
+    return chain
 
 
 def _route_slow(
@@ -211,8 +236,8 @@ def _route_slow(
     # chooser) clears the cache.
     site = site or _scope.site
     decision_key = None
-    if _plain and not torch.compiler.is_compiling():  # no observers, no checks (they see every call)
-        needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if _plain and not _is_compiling():  # no observers, no checks (they see every call)
+        needs_grad = _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
         if extra and "sinks" in extra and extra["sinks"].requires_grad:  # learnable sinks need a backward too
             needs_grad = torch.is_grad_enabled()
         decision_key = (
@@ -220,7 +245,7 @@ def _route_slow(
             site,
             query.shape,
             key.shape,
-            value.shape[-1],
+            value.shape,  # (the head dim of values decides; the whole shape is one attribute read cheaper)
             query.dtype,
             query.device,
             kind,
@@ -277,10 +302,10 @@ def _route_slow(
             failure = exc
             refused[backend.name] = [f"raised {type(exc).__name__}: {_shorten(str(exc))}"]
             continue
-        counted = _note_fallback(chain, backend, refused) if refused else ()
+        counted = accounting.note_fallback(chain.spec, backend.name, refused) if refused else ()
         if selection.checks():
             check_output(out[0] if call.return_lse else out, query, value, backend.name)
-        if decision_key is not None and override is None:
+        if decision_key is not None:  # (an override is part of it: the site is in the key, a change clears all)
             if len(_decisions) >= MAX_DECISIONS:
                 _decisions.clear()
             _decisions[decision_key] = (backend, counted)
@@ -392,52 +417,6 @@ def _pick_auto(call: CallSpec, args: tuple[Any, ...], extra: dict[str, Any]) -> 
     return candidates[0]
 
 
-def _note_fallback(chain: Chain, chosen: Backend, refused: dict[str, list[str]]) -> tuple[FallbackKey, ...]:
-    """Count (and warn once about) each refusal of this call; returns the keys counted, for later calls."""
-    counted = []
-    for name, reasons in refused.items():
-        for reason in reasons:
-            key = (chain.spec, name, chosen.name, reason)
-            if key not in _fallbacks and len(_fallbacks) >= MAX_FALLBACK_KINDS:
-                key = (chain.spec, name, chosen.name, OTHER_REASONS)  # reasons that name shapes: bounded memory
-            _fallbacks[key] += 1
-            counted.append(key)
-            if (name, reason) in _warned:
-                continue
-            with _lock:
-                shown = _warnings_per_backend.get(name, 0) + 1
-                if (name, reason) in _warned or shown > MAX_WARNINGS_PER_BACKEND:
-                    continue  # past the cap nothing more is kept: reasons that name shapes would grow without bound
-                _warned.add((name, reason))
-                _warnings_per_backend[name] = shown
-            more = (
-                f" Further reasons of {name!r} are counted in the report, not shown."
-                if shown == MAX_WARNINGS_PER_BACKEND
-                else ""
-            )
-            warnings.warn(
-                f"attnpatch: backend {name!r} cannot serve this call ({reason}); using {chosen.name!r} instead. "
-                f"Shown once per reason; the report counts every fallback.{more}",
-                AttnpatchWarning,
-                stacklevel=_user_stacklevel(),
-            )
-    return tuple(counted)
-
-
-def _user_stacklevel() -> int:
-    # Point a warning at the first frame outside attnpatch and wrapt (the model code that made the call), not at
-    # the dispatcher or a patcher's wrapper.
-    frame = sys._getframe(2)
-    level = 2
-    while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not (name == "attnpatch" or name.startswith(("attnpatch.", "wrapt", "torch.nn.modules"))):
-            return level
-        frame = frame.f_back  # type: ignore[assignment]
-        level += 1
-    return 2
-
-
 def _all_reasons(chain: Chain, call: CallSpec, refused: dict[str, list[str]]) -> dict[str, list[str]]:
     everything = dict(refused)
     for member in chain.members:
@@ -458,30 +437,6 @@ def _unsupported_message(chain: Chain, call: CallSpec, refused: dict[str, list[s
         + " | ".join(parts)
         + ". Fix: choose another backend (python -m attnpatch list), or unset ATTNPATCH_STRICT to fall back."
     )
-
-
-def fallback_counts() -> dict[tuple[str, str, str, str], int]:
-    """(requested chain, refusing backend, serving backend, reason) -> calls, since start or the last reset."""
-    return dict(_fallbacks)
-
-
-def reset_fallbacks() -> None:
-    _fallbacks.clear()
-    _passthroughs.clear()
-    _warned.clear()
-    _warnings_per_backend.clear()
-
-
-def note_passthrough(site: str | None, reason: str) -> None:
-    """A patcher calls this when it hands a call back to the library's own code (counted for the report)."""
-    key = (site, reason)
-    if key not in _passthroughs and len(_passthroughs) >= MAX_FALLBACK_KINDS:
-        key = (site, OTHER_REASONS)
-    _passthroughs[key] += 1
-
-
-def passthrough_counts() -> dict[tuple[str | None, str], int]:
-    return dict(_passthroughs)
 
 
 # help() and inspect show the later arguments by name (they arrive in **extra: see dispatch_attention).

@@ -135,6 +135,11 @@ def site_override(site: str | None) -> str | None:
     return _overrides.get(site or DIRECT)
 
 
+def has_site_overrides() -> bool:
+    """Whether any site has an override (the dispatcher's fast path then checks each call's site)."""
+    return bool(_overrides)
+
+
 def clear_site_overrides() -> None:
     with _lock:
         _overrides.clear()

@@ -21,6 +21,7 @@ from attnpatch.errors import CheckFailed
 # checks run once per forward, not once per layer. Kept only for results that are views of the mask (bool masks,
 # additive ones in the query's dtype), which an in-place update of the mask cannot make stale.
 _last: tuple[Any, ...] = (None, None, None, None)
+_is_compiling = torch.compiler.is_compiling  # bound once (torch.compile recognises the function itself)
 
 
 def normalize(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -30,14 +31,14 @@ def normalize(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tup
     are read once, and singleton dims are added with ``view`` (a fraction of the cost of indexing with None).
     """
     global _last
-    if torch.compiler.is_compiling():  # traced code must not read or keep a module-level tensor
+    if _is_compiling():  # traced code must not read or keep a module-level tensor
         return _normalize(mask, query, key)
     last = _last
-    if mask is last[0] and query.shape == last[1] and key.shape[1] == last[2]:
+    if mask is last[0] and query.shape == last[1] and key.shape == last[2]:
         return last[3]
     result = _normalize(mask, query, key)
     if result[0] is mask or result[0]._base is mask:
-        _last = (mask, query.shape, key.shape[1], result)
+        _last = (mask, query.shape, key.shape, result)
     return result
 
 

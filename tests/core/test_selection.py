@@ -293,3 +293,34 @@ def test_compiled_function_follows_a_context_set_outside(tagged) -> None:
     with attnpatch.attention_backend("tag_c"):
         c = compiled(q)
     assert who_ran(a, q) == 1 and who_ran(c, q) == 3
+
+
+def test_site_override_applies_without_observers_on_every_path() -> None:
+    # A per-site override (verify's fallback action, a plan's rule) must reach calls that would take the fast path
+    # or a decision cached before the override was set; removing it restores the selection.
+    from attnpatch.core import hooks
+
+    seen: list[str] = []
+
+    def recording(q, k, v, *args):  # type: ignore[no-untyped-def]
+        seen.append("rec")
+        return registry.get_backend("native").fn(q, k, v, *args)
+
+    registry.register_backend("_rec_override", recording)
+    q, k, v = (torch.randn(1, 5, 2, 8) for _ in range(3))
+    try:
+        for backend in (None, "native", "auto"):
+            dispatch.dispatch_attention(q, k, v, backend=backend)  # a decision made (and cached) before
+            hooks.set_site_override(hooks.DIRECT, "_rec_override")
+            try:
+                assert not hooks.observers
+                out = dispatch.dispatch_attention(q, k, v, backend=backend)
+                assert seen == ["rec"], backend
+            finally:
+                hooks.set_site_override(hooks.DIRECT, None)
+            torch.testing.assert_close(out, dispatch.dispatch_attention(q, k, v, backend="_native_math"))
+            dispatch.dispatch_attention(q, k, v, backend=backend)
+            assert seen == ["rec"], backend
+            seen.clear()
+    finally:
+        registry.unregister_backend("_rec_override")
