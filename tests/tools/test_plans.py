@@ -319,3 +319,19 @@ def test_process_wide_plan_is_applied_at_a_models_first_call_and_deactivates() -
         attnpatch.unapply(pipe)
     assert plan_apply.active() is None
     assert not torch.nn.modules.module._global_forward_pre_hooks
+
+
+def test_process_wide_plan_with_an_unknown_backend_is_one_line_and_the_model_runs(capsys) -> None:
+    pipe = tiny.stable_diffusion_pipeline()
+    expected = sd_run(pipe, steps=2)
+    plan_apply.activate(plan_of({"match": "unet", "backend": "flsh"}))
+    try:
+        for _ in range(2):
+            assert torch.equal(sd_run(pipe, steps=2), expected)
+    finally:
+        plan_apply.deactivate()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("attnpatch: plan <dict>, rule 1 ('unet'): unknown attention backend 'flsh'")
+    assert lines[0].endswith("; running without the plan")
+    assert plan_apply.applied(pipe) is None
