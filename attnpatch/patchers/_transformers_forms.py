@@ -75,6 +75,8 @@ def prepare(form: str, module: Any, query: Any, key: Any, value: Any, mask: Any,
 
     query (B, H, Sq, D), key/value (B, Hkv, Skv, D), as transformers passes them.
     """
+    if kwargs.get("head_mask") is not None:  # flash (4.x) drops it with a warning, flex (4.x) adds it to the scores
+        return "head_mask given to a flash or flex attention function: left to transformers"
     if form == FLASH:
         return _flash(module, query, key, value, mask, kwargs)
     return _flex(module, query, key, value, mask, kwargs)

@@ -286,10 +286,12 @@ def _patch_modeling_utils(modeling_utils: types.ModuleType) -> None:
                 PATCHER.patches.replace(interface, "get_interface", wrapper)
         elif getattr(modeling_utils, "ALL_ATTENTION_FUNCTIONS", None) is not None:
             # 4.51-5.0: the class-wide mapping every AttentionInterface instance reads; 4.48-4.50: a plain dict.
+            # Its sdpa entry and the flash and flex entries (names registered later are not reached).
             functions = modeling_utils.ALL_ATTENTION_FUNCTIONS
-            mapping = getattr(interface, "_global_mapping", None) if interface is not None else functions
-            if mapping is not None and "sdpa" in mapping and not PATCHER.patches.patched(mapping, "sdpa", True):
-                PATCHER.patches.replace(mapping, "sdpa", _router_for(mapping["sdpa"], "sdpa"), mapping=True)
+            mapping: Any = getattr(interface, "_global_mapping", None) if interface is not None else functions
+            for name in [n for n in mapping or () if n == "sdpa" or forms.form_of(mapping[n]) is not None]:
+                if not PATCHER.patches.patched(mapping, name, True):
+                    PATCHER.patches.replace(mapping, name, _router_for(mapping[name], name), mapping=True)
         # 4.46-4.47 have no mapping at all: their *SdpaAttention layers call F.sdpa, like falcon or sam today.
 
 
