@@ -56,11 +56,9 @@ def _make_window_block_mask(left: int, right: int, seq_q: int, seq_kv: int, devi
 _window_block_mask = functools.lru_cache(maxsize=64)(_make_window_block_mask)
 
 
-def _make_scalar(value: float, device: str) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _scalar(value: float, device: str) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32, device=device)
-
-
-_scalar = functools.lru_cache(maxsize=16)(_make_scalar)
 
 
 def flex(
@@ -102,7 +100,9 @@ def flex(
         )
         # A tensor, not the float: a float captured by score_mod becomes a symbolic value once it changes between
         # calls (automatic dynamic), which flex's lowering rejects ("unbacked_bindings", torch 2.13 on CPU).
-        cap = None if softcap is None else (_make_scalar if compiling else _scalar)(softcap, str(q.device))
+        # Inside an outer torch.compile the float is a constant of that trace (a tensor made there fails flex's CPU
+        # lowering: "NoValidChoicesError").
+        cap = softcap if softcap is None or compiling else _scalar(softcap, str(q.device))
 
         def score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
             if cap is not None:

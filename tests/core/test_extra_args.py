@@ -293,7 +293,7 @@ def test_bad_values_are_named_with_the_rule(extra: dict[str, object], words: str
 
 def test_an_unknown_keyword_is_a_type_error() -> None:
     q, k, v, _, _ = Case("bad").inputs()
-    with pytest.raises(TypeError, match="'softcapping'.*softcap, window, sinks, return_lse"):
+    with pytest.raises(TypeError, match=r"'softcapping'.*softcap, window, sinks, return_lse"):
         dispatch.dispatch_attention(q, k, v, softcapping=1.0)
     with pytest.raises(TypeError, match="'softcapping'"):
         dispatch.route(q, k, v, softcapping=1.0)
@@ -395,3 +395,27 @@ def test_describe_names_the_arguments() -> None:
     call = CallSpec.of(q, k, v, MASK_NONE, 0.0, False, None, softcap=1.0, window=(1, 1), sinks=sinks, return_lse=True)
     assert call.describe().endswith("softcap, window, sinks, return_lse")
     assert CallSpec.of(q, k, v, MASK_NONE, 0.0, False, None, sinks=sinks.requires_grad_()).needs_grad
+
+
+@pytest.mark.parametrize(
+    ("backend", "with_lse"), [("native", True), ("flex", False)], ids=["native_all", "flex_softcap_window"]
+)
+def test_compiled_fullgraph_matches_eager(backend: str, with_lse: bool) -> None:
+    # No graph break (fullgraph=True) and the same answer as eager; flex's CPU kernel has no lse, so no sinks there.
+    q, k, v, _, sinks = Case("compiled", sinks=True, heads=4, heads_kv=2).inputs()
+    extra: dict[str, object] = {"softcap": 2.0, "window": (3, 0)}
+    if with_lse:
+        extra |= {"sinks": sinks, "return_lse": True}
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> object:
+        return dispatch.dispatch_attention(q, k, v, backend=backend, **extra)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True)(q, k, v)
+    eager = attend(q, k, v)
+    for got, want in zip(compiled if with_lse else [compiled], eager if with_lse else [eager], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    ref_out, ref_lse = reference(q, k, v, softcap=2.0, window=(3, 0), sinks=sinks if with_lse else None)
+    torch.testing.assert_close((compiled[0] if with_lse else compiled).double(), ref_out, atol=2e-5, rtol=1e-4)
+    if with_lse:
+        torch.testing.assert_close(compiled[1].double(), ref_lse, atol=2e-5, rtol=1e-5)
