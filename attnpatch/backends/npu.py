@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from attnpatch.backends import _probe
+from attnpatch.backends import _extras, _probe
 from attnpatch.backends._define import define
 from attnpatch.backends._probe import HALF
 from attnpatch.core import masks
@@ -79,6 +79,23 @@ def native_npu(
     return masks.zero_fully_masked(out, attn_mask)
 
 
+def native_npu_window(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    *,
+    window: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """:func:`native_npu` with a sliding window folded into the (bool) mask, top-left aligned."""
+    attn_mask, is_causal = _extras.fold_window(query, key, attn_mask, is_causal, window)
+    return native_npu(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
 define(
     "_native_npu",
     native_npu,
@@ -92,9 +109,11 @@ define(
         masks=frozenset({MASK_NONE, MASK_KEY_PADDING, MASK_BOOL}),
         deterministic=False,
         priority=50,  # on NPUs the alternative is native SDPA (10)
+        window=True,  # folded into the bool mask
     ),
     requires=_probe.requires("torch_npu", "torch-npu", device=None, hint=NPU_HINT),
     check=_probe.library_check("torch_npu", replayed=False),  # called directly, not through the op
     description="torch_npu.npu_fusion_attention (Ascend); bool/key-padding masks, top-left causal",
     aliases=("npu", "npu_fusion_attention", "native_npu"),
+    extra_fn=native_npu_window,
 )

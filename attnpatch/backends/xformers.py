@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from attnpatch.backends import _probe
+from attnpatch.backends import _extras, _probe
 from attnpatch.backends._define import define
 from attnpatch.core import masks
 from attnpatch.core.call import ALL_MASKS, MASK_NONE, CallSpec
@@ -66,6 +66,24 @@ def xformers_kernel(
     if groups is not None:
         out = out.flatten(2, 3)
     return masks.zero_fully_masked(out, attn_mask)
+
+
+def xformers_window(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    *,
+    window: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """:func:`xformers_kernel` with a sliding window folded into the mask (a tensor attn_bias, top-left aligned:
+    xFormers' own local masks align bottom-right)."""
+    attn_mask, is_causal = _extras.fold_window(query, key, attn_mask, is_causal, window)
+    return xformers_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
 def aligned_bias(
@@ -157,7 +175,7 @@ def _inputs(call: CallSpec) -> Any:
     attn_bias: Any = None
     if call.is_causal:
         attn_bias = fmha.attn_bias.LowerTriangularMask()
-    elif call.mask_kind != MASK_NONE:
+    elif call.mask_kind != MASK_NONE or call.window:  # a window is folded into the mask
         # xFormers requires type(bias) is torch.Tensor (a subclass is refused) and reads only its dtype and strides.
         attn_bias = torch.empty_strided(bias_shape, bias_strides, dtype=dtype, device="meta")
     return fmha.Inputs(
@@ -232,11 +250,13 @@ define(
         masks=ALL_MASKS,
         deterministic=False,
         priority=35,
+        window=True,  # folded into the mask
     ),
     requires=_probe.requires("xformers", "xformers", XFORMERS_VERSION),
     # Our own bf16 reason first (the clearest line); then xFormers' verdict, which covers it and everything else.
     check=_probe.library_check("xformers.ops", _bfloat16_needs_sm80, _operator_check),
     description="xformers.ops.memory_efficient_attention; every mask as an aligned attn_bias",
     kernel=True,
+    extra_fn=xformers_window,
     aliases=("xformers_attn", "mem_efficient_xformers"),
 )

@@ -314,3 +314,15 @@ def test_reasons_are_asked_about_the_layout_the_kernel_passes(
             assert bias.dtype == torch.float16 and bias.stride(-1) == 1
             assert all(stride % 8 == 0 for stride in bias.stride()[:-1]), bias.stride()
         assert real.attn_bias.shape[1:] == shape_only.attn_bias.shape[1:]
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0), (10, 0)], ids=["sm80", "sm90", "sm100"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_a_window_is_asked_about_as_the_tensor_bias_it_becomes(capability: tuple[int, int], dtype: torch.dtype) -> None:
+    # attnpatch serves a sliding window on xformers as a bool mask turned into a tensor attn_bias: xFormers' verdict
+    # on the windowed call must be the one it gives for that bias (issue #12), not the one for no mask.
+    import dataclasses
+
+    windowed = dataclasses.replace(call(dtype=dtype, seq=(33, 77)), window=True)
+    with as_on_cuda(capability):
+        assert operator_reasons(windowed) == operator_reasons(call(dtype=dtype, seq=(33, 77), mask="bool"))
