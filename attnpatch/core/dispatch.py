@@ -338,9 +338,11 @@ def _observed(
         site, requested.spec, backend.name, refused, query, key, value, attn_mask, dropout_p, is_causal, scale, out
     )
     record.seconds = seconds
+    # A CallRecord carries no softcap, window or sinks: a replacement computed from it would drop them silently.
+    replaceable = not (call.softcap or call.window or call.sinks)
     for observer in list(hooks.observers):
         replaced = observer(record)
-        if replaced is not None:
+        if replaced is not None and replaceable:
             out = record.output = replaced
     return out
 

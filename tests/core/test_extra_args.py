@@ -419,3 +419,26 @@ def test_compiled_fullgraph_matches_eager(backend: str, with_lse: bool) -> None:
     torch.testing.assert_close((compiled[0] if with_lse else compiled).double(), ref_out, atol=2e-5, rtol=1e-4)
     if with_lse:
         torch.testing.assert_close(compiled[1].double(), ref_lse, atol=2e-5, rtol=1e-5)
+
+
+def test_observers_see_the_output_but_cannot_replace_it_without_the_arguments() -> None:
+    # hooks.CallRecord has no softcap/window/sinks: a replacement (verify's fallback action) computed from the record
+    # would be plain attention. It is ignored for such calls; plain calls can still be replaced.
+    from attnpatch.core import hooks
+
+    q, k, v, _, _ = Case("observed").inputs()
+    seen: list[torch.Tensor] = []
+
+    def replace_with_zeros(record: hooks.CallRecord) -> torch.Tensor:
+        seen.append(record.output)
+        return torch.zeros_like(record.output)
+
+    hooks.add_observer(replace_with_zeros)
+    try:
+        capped, lse = dispatch.dispatch_attention(q, k, v, softcap=1.0, return_lse=True)
+        plain = dispatch.dispatch_attention(q, k, v)
+    finally:
+        hooks.remove_observer(replace_with_zeros)
+    assert len(seen) == 2 and seen[0] is capped and lse.shape == (2, 11, 4)
+    torch.testing.assert_close(capped.double(), reference(q, k, v, softcap=1.0)[0], atol=2e-5, rtol=1e-4)
+    assert torch.equal(plain, torch.zeros_like(plain))
