@@ -109,6 +109,41 @@ def test_flash_form_greedy_decode_matches_unpatched(family: str) -> None:
         torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("padded", "cache"), [(False, "dynamic"), (True, "static")], ids=["unpadded-dynamic", "padded-static"]
+)
+def test_flash_form_decode_without_padding_or_with_a_static_cache(padded: bool, cache: str) -> None:
+    # Unpadded, flash gets no mask at all: the prefill is causal with window=(3, 0) given to the dispatcher, each
+    # decode step one query over every cached key, aligned bottom-right. A static cache hands flash a 2-D mask
+    # shorter than the cache: the keys past it are cut, as flash does.
+    model = build("mistral")
+    inputs = xm.left_padded() if padded else {"input_ids": xm.left_padded()["input_ids"][1:]}
+
+    def generate() -> Any:
+        with torch.no_grad():
+            return model.generate(
+                **inputs,
+                max_new_tokens=6,
+                do_sample=False,
+                cache_implementation=cache,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+
+    unpatched = generate()
+    api.apply(model, backend="native")
+    try:
+        with recorded() as records, xm.implementation(model, "flash_attention_2"):
+            ours = generate()
+    finally:
+        api.unapply(model)
+    assert dispatch.passthrough_counts() == {} and len(records) == 2 * 6
+    assert torch.equal(ours.sequences, unpatched.sequences)
+    for a, b in zip(ours.scores, unpatched.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0)
+
+
 def _packed() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     # Two sequences of 5 and 7 tokens laid end to end in one row, as padding-free training packs them.
     first, second = torch.tensor([3, 4, 5, 6, 7]), torch.tensor([9, 10, 11, 12, 13, 14, 15])
