@@ -442,3 +442,23 @@ def test_observers_see_the_output_but_cannot_replace_it_without_the_arguments() 
     assert len(seen) == 2 and seen[0] is capped and lse.shape == (2, 11, 4)
     torch.testing.assert_close(capped.double(), reference(q, k, v, softcap=1.0)[0], atol=2e-5, rtol=1e-4)
     assert torch.equal(plain, torch.zeros_like(plain))
+
+
+def test_per_device_refusals_name_the_argument() -> None:
+    from attnpatch.testing import emulate_device
+
+    q, k, v, _, sinks = Case("devices", sinks=True).inputs()
+
+    def reasons(name: str, **flags: object) -> list[str]:
+        return registry.get_backend(name).call_reasons(CallSpec.of(q, k, v, MASK_NONE, 0.0, False, None, **flags))
+
+    # flex on CPU: no lse (torch 2.13's CPU kernel has none), so no sinks either; softcap and window are served.
+    assert any("returns no lse" in r for r in reasons("flex", return_lse=True))
+    assert any("returns no lse" in r for r in reasons("flex", sinks=sinks))
+    assert reasons("flex", softcap=1.0, window=(2, 2)) == []
+    assert reasons("_native_flash", window=(2, 2), return_lse=True, sinks=sinks) == []  # CPU: all three
+    with emulate_device("cuda", capability=(9, 0)):
+        half = [t.half() for t in (q, k, v)]
+        spec = CallSpec.of(*half, MASK_NONE, 0.0, False, None, window=(2, 2), return_lse=True)
+        got = registry.get_backend("_native_flash").call_reasons(spec)
+        assert any("takes no window on CUDA" in r for r in got) and any("returns no lse on CUDA" in r for r in got)
