@@ -107,7 +107,7 @@ def router(original: Callable[..., Any], form: str, original_attr: str) -> Calla
         if isinstance(call, str):
             dispatch.note_passthrough(site, call)
             return original(module, query, key, value, *args, **kwargs)
-        out = route(
+        out = sdpa.route(
             call.query,
             call.key,
             call.value,
@@ -116,9 +116,9 @@ def router(original: Callable[..., Any], form: str, original_attr: str) -> Calla
             call.causal,
             call.scale,
             True,
-            chain_of(chosen),
-            site,
-            call.extra,
+            module_chain=chain_of(chosen),
+            site=site,
+            **call.extra,
         )
         if call.shape is not None:  # packed sequences laid end to end: back to (B, Sq, H, Dv)
             out = out.reshape(*call.shape, *out.shape[2:])
@@ -126,47 +126,6 @@ def router(original: Callable[..., Any], form: str, original_attr: str) -> Calla
 
     setattr(attnpatch_attention, original_attr, original)
     return attnpatch_attention
-
-
-def route(
-    query: Any,
-    key: Any,
-    value: Any,
-    mask: Any,
-    dropout: float,
-    causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-    module_chain: Any,
-    site: str | None,
-    extra: dict[str, Any],
-) -> Any:
-    """:func:`attnpatch.patchers.sdpa.route` with the dispatcher's later arguments (softcap, window, sinks), tensors
-    (batch, seq, heads, head_dim). The F.sdpa redirect of a layer that calls both its attention function and F.sdpa
-    is suspended while we route, as sdpa.route does: enter() returns this thread's depth, leave(0) closes every
-    redirect scope until leave(depth) reopens them."""
-    if not extra:
-        return sdpa.route(
-            query, key, value, mask, dropout, causal, scale, enable_gqa, module_chain=module_chain, site=site
-        )
-    depth = sdpa.enter()
-    sdpa.leave(0)
-    try:
-        return dispatch.route(
-            query,
-            key,
-            value,
-            attn_mask=mask,
-            dropout_p=dropout,
-            is_causal=causal,
-            scale=scale,
-            enable_gqa=enable_gqa,
-            module_chain=module_chain,
-            site=site,
-            **extra,
-        )
-    finally:
-        sdpa.leave(depth)
 
 
 def passthrough_router(original: Callable[..., Any], reason: str, original_attr: str) -> Callable[..., Any]:

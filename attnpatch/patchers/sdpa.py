@@ -88,13 +88,15 @@ def route(
     *,
     module_chain: Chain | None = None,
     site: str | None = None,
-) -> torch.Tensor:
+    **extra: Any,
+) -> Any:
     """:func:`attnpatch.core.dispatch.route` with the redirect suspended, (batch, seq, heads, head_dim) tensors.
 
     Every patcher routes through here: the ``native`` backend calls F.scaled_dot_product_attention itself, and
     that call must reach torch, not come back to the dispatcher (also from inside a redirect scope, e.g. a
     transformers layer that calls both its attention function and F.sdpa). ``module_chain`` and ``site``: the
-    calling layer's selection and name, when the patcher has them (default: what the patcher pushed).
+    calling layer's selection and name, when the patcher has them (default: what the patcher pushed). ``extra``:
+    the dispatcher's later arguments (softcap, window, sinks, return_lse), passed on only when given.
     """
     local = _local
     saved = local.depth
@@ -112,6 +114,7 @@ def route(
             enable_gqa=enable_gqa,
             module_chain=module_chain,
             site=site,
+            **extra,
         )
     finally:
         if saved:

@@ -138,7 +138,7 @@ def _route(
     packed = 0
     if not eager and key.shape[1] != query.shape[1]:
         query, key, value, mask, packed = calls.gqa_as_transformers(module_chain, query, key, value, mask)
-    out = forms.route(
+    out = sdpa.route(
         query.transpose(1, 2),
         key.transpose(1, 2),
         value.transpose(1, 2),
@@ -147,9 +147,9 @@ def _route(
         bool(causal),
         scaling,
         key.shape[1] != query.shape[1],
-        module_chain,
-        site,
-        extra,
+        module_chain=module_chain,
+        site=site,
+        **extra,
     )
     if packed:  # (B, n_rep, Hkv, Dv) of one query token -> (B, 1, H, Dv), as sdpa_attention_forward reshapes it
         out = out.transpose(1, 2).reshape(out.shape[0], -1, 1, out.shape[-1]).transpose(1, 2)
