@@ -76,13 +76,15 @@ def site_of(module: Any) -> str | None:
 
     The name is what :func:`attnpatch.apply` would give the layer: component first when it runs inside a diffusers
     pipeline (``text_encoder.text_model.encoder.layers.0.self_attn``), else its path in the outermost model whose
-    code is running (``model.layers.0.self_attn``). Not looked for while torch.compile traces (None then).
+    code is running (``model.layers.0.self_attn``). None while torch.compile traces: nothing that reads a site
+    (the report, verify) runs in compiled code, and a traced read guards on each layer's own name, so a layer
+    compiled on its own (after a graph break) would recompile once per layer.
     """
     namespace = getattr(module, "__dict__", None)
-    if namespace is None:
+    if namespace is None or torch.compiler.is_compiling():
         return None
     site = namespace.get(SITE_ATTR)
-    if site is None and not torch.compiler.is_compiling():
+    if site is None:
         site = _find_name(module, sys._getframe(1))
         setattr(module, SITE_ATTR, site)
     return site

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import attnpatch
+from attnpatch.core import hooks
 
 pytest.importorskip("transformers")
 
@@ -38,3 +39,58 @@ def test_native_compiles_once_for_twenty_lengths() -> None:
     finally:
         attnpatch.unapply(model)
         torch._dynamo.reset()
+
+
+def _compiled_static_cache_decodes(model: torch.nn.Module) -> tuple[int, bool]:
+    """Decode 3 tokens after a 10-token prompt with a static cache and a compiled forward, then after a 5-token
+    prompt under fail_on_recompile: (graphs compiled, whether the shorter prompt recompiled)."""
+    from torch._dynamo.utils import counters
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model.forward, fullgraph=True)
+
+    def decode(prompt: int) -> None:
+        cache = StaticCache(config=model.config, max_cache_len=24)
+        ids = torch.randint(3, 100, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+        out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt), use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        for step in range(3):
+            position = torch.tensor([prompt + step])
+            out = compiled(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+
+    with torch.no_grad():
+        decode(10)
+        graphs = counters["stats"]["unique_graphs"]
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                decode(5)
+        except RuntimeError as exc:
+            assert "recompile" in str(exc), exc
+            return graphs, True
+    return graphs, False
+
+
+def test_gemma2_static_cache_compiles_as_unpatched() -> None:
+    # Issue 13: a tiny Gemma 2 (soft-capped, sliding layers: routed with softcap and window since issue 12) with a
+    # static cache compiles the same graphs patched as unpatched, and a shorter prompt recompiles neither.
+    model = tm.gemma2()
+    try:
+        unpatched = _compiled_static_cache_decodes(model)
+        attnpatch.apply(model, backend="native")
+        records: list[object] = []
+        hooks.add_observer(records.append)
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]]))
+        finally:
+            hooks.remove_observer(records.append)
+        assert len(records) == model.config.num_hidden_layers  # every layer's call is routed (eagerly, here)
+        patched = _compiled_static_cache_decodes(model)
+    finally:
+        attnpatch.unapply(model)
+        torch._dynamo.reset()
+    assert unpatched[1] is False, "transformers itself recompiles here: the comparison means nothing"
+    assert patched == unpatched
