@@ -165,4 +165,8 @@ def test_compiled_forward_with_softcap_or_sinks_has_no_graph_breaks(family: str)
     finally:
         torch._dynamo.reset()
         api.unapply(model)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
+    # transformers 4.x's gpt-oss experts break the graph themselves (nonzero): none may come from attnpatch's frames.
+    ours = [r for r in explanation.break_reasons if any("attnpatch" in f.filename for f in r.user_stack)]
+    assert ours == []
+    if xm.VERSION >= (5, 0):
+        assert explanation.graph_break_count == 0, explanation.break_reasons
