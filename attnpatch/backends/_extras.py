@@ -6,10 +6,13 @@
   the rows that attend no key set to -inf (kernels write 0 or +inf there: flash-attn 2's softmax.h sets
   ``INFINITY`` for an empty row outside split-KV).
 - :func:`cpu_flash_lse`: torch's CPU flash kernel, the one aten operator on CPU that returns the lse.
-- :func:`fold_window`: a window into the mask, for kernels that take masks but no window.
+- :func:`fold_window`: a window into the mask, for kernels that take masks but no window;
+  :func:`window_as_mask` wraps such a backend function into one that takes ``window``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -54,6 +57,29 @@ def fold_window(
     if is_causal:  # causal and a window (left, right): the window (left, 0)
         window = (window[0], 0)
     return masks.fold_window(attn_mask, window, query.shape[1], key.shape[1], query.device), False
+
+
+def window_as_mask(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn``, a backend function that takes masks, for calls with a sliding window: the window (top-left aligned,
+    with causality when both are given) is folded into the mask first. For the backend's ``extra_fn``."""
+
+    def with_window(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+        scale: float | None,
+        enable_gqa: bool,
+        *,
+        window: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        attn_mask, is_causal = fold_window(query, key, attn_mask, is_causal, window)
+        return fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+    with_window.__name__ = with_window.__qualname__ = f"{fn.__name__}_window"
+    return with_window
 
 
 def cpu_flash_lse(

@@ -79,23 +79,6 @@ def native_npu(
     return masks.zero_fully_masked(out, attn_mask)
 
 
-def native_npu_window(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-    *,
-    window: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """:func:`native_npu` with a sliding window folded into the (bool) mask, top-left aligned."""
-    attn_mask, is_causal = _extras.fold_window(query, key, attn_mask, is_causal, window)
-    return native_npu(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-
 define(
     "_native_npu",
     native_npu,
@@ -115,5 +98,5 @@ define(
     check=_probe.library_check("torch_npu", replayed=False),  # called directly, not through the op
     description="torch_npu.npu_fusion_attention (Ascend); bool/key-padding masks, top-left causal",
     aliases=("npu", "npu_fusion_attention", "native_npu"),
-    extra_fn=native_npu_window,
+    extra_fn=_extras.window_as_mask(native_npu),  # a window as the mask it becomes (top-left)
 )

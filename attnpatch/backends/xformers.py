@@ -68,24 +68,6 @@ def xformers_kernel(
     return masks.zero_fully_masked(out, attn_mask)
 
 
-def xformers_window(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-    *,
-    window: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """:func:`xformers_kernel` with a sliding window folded into the mask (a tensor attn_bias, top-left aligned:
-    xFormers' own local masks align bottom-right)."""
-    attn_mask, is_causal = _extras.fold_window(query, key, attn_mask, is_causal, window)
-    return xformers_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-
 def aligned_bias(
     attn_mask: torch.Tensor,
     dtype: torch.dtype,
@@ -257,6 +239,6 @@ define(
     check=_probe.library_check("xformers.ops", _bfloat16_needs_sm80, _operator_check),
     description="xformers.ops.memory_efficient_attention; every mask as an aligned attn_bias",
     kernel=True,
-    extra_fn=xformers_window,
+    extra_fn=_extras.window_as_mask(xformers_kernel),  # a window as the mask it becomes (top-left)
     aliases=("xformers_attn", "mem_efficient_xformers"),
 )

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from attnpatch.core import dispatch, masks
+from attnpatch.core import masks
 from attnpatch.core.call import MASK_ADDITIVE
 from attnpatch.patchers import sdpa
 
@@ -250,27 +250,11 @@ def _route(
     enable_gqa: bool,
     return_lse: bool = False,
 ) -> Any:
-    # sdpa.route, with return_lse: the F.sdpa redirect of a processor that calls both functions is suspended while
-    # we route (the native backend's own F.sdpa call must reach torch). enter() returns this thread's depth;
-    # leave(0) closes every redirect scope until leave(depth) reopens them.
+    # sdpa.route suspends the F.sdpa redirect of a processor that calls both functions while we route (the native
+    # backend's own F.sdpa call must reach torch), without a thread-local write in a traced frame.
     if not return_lse:
         return sdpa.route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    depth = sdpa.enter()
-    sdpa.leave(0)
-    try:
-        return dispatch.route(
-            query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=enable_gqa,
-            return_lse=True,
-        )
-    finally:
-        sdpa.leave(depth)
+    return sdpa.route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse=True)
 
 
 def _local_key_padding(attn_mask: Any, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
