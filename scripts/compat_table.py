@@ -23,8 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# tests/patchers: the tiny Gemma 2/3, gpt-oss, Mistral and Qwen2 builders of the transformers patcher's tests.
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "patchers")]
+sys.path[:0] = [ROOT]
 DOC = os.path.join(ROOT, "docs", "compat.md")
 DATA_RE = re.compile(r"<!-- compat-data\n(.*?)\n-->", re.S)
 
@@ -74,8 +73,7 @@ def diffusers_cases() -> dict[str, tuple[Callable[[], Any], Callable[[Any], Any]
 
 def transformers_cases() -> dict[str, tuple[Callable[[], Any], Callable[[Any], Any]] | str]:
     try:
-        import transformers_extra_models as xm
-
+        from attnpatch.testing import transformers_extra as xm
         from attnpatch.testing import transformers_models as tm
     except ImportError as exc:
         return {"transformers": f"not measured: {exc}"}

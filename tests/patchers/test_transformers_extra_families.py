@@ -13,11 +13,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-import transformers_extra_models as xm
-
 from attnpatch import api
 from attnpatch.core import dispatch, hooks, registry
 from attnpatch.core.hooks import CallRecord
+from attnpatch.testing import transformers_extra as xm
 
 TOLERANCE = 2e-4
 EAGER_INLINE = "eager layers compute attention inline before transformers 4.48 (no eager_attention_forward): not routed"

@@ -26,12 +26,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-import transformers_extra_models as xm
-
 from attnpatch import api
 from attnpatch.core import dispatch, hooks
 from attnpatch.core.hooks import CallRecord
 from attnpatch.patchers import _transformers_forms as forms
+from attnpatch.testing import transformers_extra as xm
 
 TOLERANCE = 2e-4
 FAMILIES = dict(xm.FAMILIES, llama=xm.llama)

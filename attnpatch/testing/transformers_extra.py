@@ -1,5 +1,6 @@
-"""Tiny transformers models of the families with soft-capping, sliding windows and attention sinks (issue 12),
-built from config (no download, CPU, a few ms a forward), and the helpers their tests share.
+"""Tiny transformers models of the families with soft-capping, sliding windows and attention sinks, built from
+config (no download, CPU, a few ms a forward), and the helpers their tests share (attnpatch's own tests,
+scripts/compat_table.py, users' tests of a backend that serves these arguments).
 
 Each builder seeds torch, so two builds give the same weights, and raises ImportError naming what the installed
 transformers lacks (Gemma 3 came in 4.50, gpt-oss in 4.55).
@@ -14,22 +15,13 @@ from typing import Any
 import torch
 import transformers
 
+from attnpatch.testing import transformers_models
+
 VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2])
 
 # 2 layers (one sliding, one full where the family alternates), 4 query heads over 2 key/value heads, head_dim 16,
 # a window of 4 tokens: shorter than the prompts below, so the window cuts.
-DECODER = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+DECODER: dict[str, Any] = dict(transformers_models.DECODER, head_dim=16)
 WINDOW = 4
 LAYERS = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
 
@@ -43,7 +35,7 @@ def _classes(config: str, model: str, since: str) -> tuple[Any, Any]:
 
 def _build(model_cls: Any, config: Any) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = model_cls(config).eval()
+    model: Any = model_cls(config).eval()
     if hasattr(model.model, "layers") and hasattr(model.model.layers[0].self_attn, "sinks"):
         with torch.no_grad():  # gpt-oss allocates its sinks with torch.empty: give them values that matter
             for layer in model.model.layers:
@@ -63,7 +55,7 @@ def gemma2(attn_implementation: str = "eager") -> torch.nn.Module:
         query_pre_attn_scalar=16,
         attn_implementation=attn_implementation,
     )
-    model = _build(model_cls, config)
+    model: Any = _build(model_cls, config)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8.0)
@@ -153,9 +145,10 @@ def implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
     """Run ``model`` as if loaded with ``attn_implementation=name``, without the load-time check of that
     implementation's package (flash-attn cannot be installed on this CPU machine): transformers reads the name
     from the config at every call, to pick both the mask function and the attention function."""
-    saved = model.config._attn_implementation
-    model.config._attn_implementation = name
+    config: Any = model.config
+    saved = config._attn_implementation
+    config._attn_implementation = name
     try:
         yield
     finally:
-        model.config._attn_implementation = saved
+        config._attn_implementation = saved
