@@ -8,8 +8,9 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _fresh_dispatch_state():
-    from attnpatch.core import dispatch, hooks, selection
+    from attnpatch.core import dispatch, hooks, registry, selection
 
+    registered = {backend.name for backend in registry.list_backends()}
     saved = selection.snapshot()
     saved_hooks = hooks.snapshot()
     dispatch.reset_fallbacks()
@@ -26,6 +27,11 @@ def _fresh_dispatch_state():
     hooks.clear_observers()
     hooks.clear_site_overrides()
     dispatch.reset_fallbacks()
+    # A backend a test registered and did not unregister would change what the next test lists or picks.
+    leaked = {backend.name for backend in registry.list_backends()} - registered
+    for name in leaked:
+        registry.unregister_backend(name)
+    assert not leaked, f"the test left backends registered: {sorted(leaked)} (unregister them in the test)"
 
 
 @pytest.fixture
