@@ -31,6 +31,7 @@ def define(
     aliases: Iterable[str] = (),
     kernel: bool = False,
     extra_fn: ExtraFn | None = None,
+    fn_bhsd: BackendFn | None = None,
 ) -> registry.Backend:
     """Declare and register the built-in backend ``name``.
 
@@ -40,6 +41,7 @@ def define(
     check: why it cannot serve one call, beyond what ``caps`` says.
     extra_fn: the function for calls with the later arguments ``caps`` declares (softcap, window, sinks,
         return_lse, as keywords); default ``fn``, which then takes them.
+    fn_bhsd: ``fn`` for (batch, heads, seq, head_dim) tensors, if the kernel takes that layout itself (SDPA).
     """
     if kernel:
         # The later arguments reach an external kernel in eager calls only (the custom op's schema has none).
@@ -54,6 +56,7 @@ def define(
         builtin=True,
         description=description,
         extra_fn=extra_fn,  # type: ignore[arg-type]
+        fn_bhsd=fn_bhsd,
     )
     return registry.register(backend, aliases=aliases)
 

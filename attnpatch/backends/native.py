@@ -39,16 +39,30 @@ def native(
     On torch >= 2.5 SDPA already returns 0 for query rows with no key to attend, so no extra fix-up is needed.
     """
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    gqa = k.shape[1] != q.shape[1]
+    return native_bhsd(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).transpose(1, 2)
+
+
+def native_bhsd(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> torch.Tensor:
+    """:func:`native` for (batch, heads, seq, head_dim) tensors, SDPA's own layout: out (batch, heads_q, seq_q,
+    head_dim_v). Heads_kv may divide heads_q whatever enable_gqa says."""
+    gqa = key.shape[1] != query.shape[1]
     if not dropout_p and not is_causal and scale is None and not gqa:
         # Every extra argument costs torch's argument parser ~0.1 us: the plain calls keep routing overhead low.
         if attn_mask is None:
-            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+            return F.scaled_dot_product_attention(query, key, value)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
     )
-    return out.transpose(1, 2)
 
 
 def native_extra(
@@ -163,6 +177,7 @@ define(
     description="torch.nn.functional.scaled_dot_product_attention, kernel chosen by torch",
     aliases=("sdpa", "torch", "default", "_native"),
     extra_fn=native_extra,
+    fn_bhsd=native_bhsd,
 )
 define(
     "_native_math",

@@ -199,6 +199,55 @@ def route(
     )
 
 
+def route_bhsd(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    module_chain: Chain | None = None,
+    site: str | None = None,
+    **extra: Unpack[ExtraArgs],
+) -> Any:
+    """:func:`route` for tensors in SDPA's layout: query (batch, heads, seq_q, head_dim), key/value (batch, heads_kv,
+    seq_kv, head_dim[_v]) -> out (batch, heads, seq_q, head_dim_v) (with ``return_lse``: ``(out, lse)``, lse
+    (batch, seq_q, heads) as :func:`dispatch_attention` returns it).
+
+    On the fast path a backend that takes this layout (``Backend.fn_bhsd``: ``native``) gets the tensors as they
+    are (:func:`route` would cost two transposes each way); every other call is :func:`route` on transposed views.
+    """
+    if not extra and _fast:
+        chain = module_chain or _scope.module or (selection.context_chain() if _contexts else _scope.context)
+        fast = (chain or _default or selection.default_chain()).fast
+        if fast is not None and fast.fn_bhsd is not None:
+            if attn_mask is not None:
+                attn_mask, kind = masks.normalize(attn_mask, query, key, bhsd=True)
+                if is_causal:
+                    attn_mask, kind = masks.fold_causal(attn_mask, kind, query.shape[2], key.shape[2])
+                    is_causal = False
+            return fast.fn_bhsd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    out = route(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        module_chain=module_chain,
+        site=site,
+        **extra,
+    )
+    if isinstance(out, tuple):  # return_lse: (out, lse); lse keeps the dispatcher's layout
+        return out[0].transpose(1, 2), out[1]
+    return out.transpose(1, 2)
+
+
 def effective_chain(backend: str | Chain | None = None, module_chain: Chain | None = None) -> Chain:
     """The chain :func:`route` would use with these arguments, here and now (for adapters that lay a call out
     the way the library would for the backend that serves it)."""

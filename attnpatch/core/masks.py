@@ -20,36 +20,43 @@ from attnpatch.errors import CheckFailed
 # The last mask normalised and its result: a model passes one mask object to every layer of a forward, so the
 # checks run once per forward, not once per layer. Kept only for results that are views of the mask (bool masks,
 # additive ones in the query's dtype), which an in-place update of the mask cannot make stale.
-_last: tuple[Any, ...] = (None, None, None, None)
+_last: tuple[Any, ...] = (None, None, None, None, None)
 _is_compiling = torch.compiler.is_compiling  # bound once (torch.compile recognises the function itself)
 
 
-def normalize(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """Return (mask (B|1, 1|H, Sq|1, Skv), kind) for query (B, Sq, H, D) and key (B, Skv, Hkv, D).
+def normalize(
+    mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor, bhsd: bool = False
+) -> tuple[torch.Tensor, str]:
+    """Return (mask (B|1, 1|H, Sq|1, Skv), kind) for query (B, Sq, H, D) and key (B, Skv, Hkv, D), or with
+    ``bhsd`` for query (B, H, Sq, D) and key (B, Hkv, Skv, D) (SDPA's layout; the mask is the same either way).
 
     Runs on every masked call: the same mask as the last call is answered from a one-entry cache; otherwise shapes
     are read once, and singleton dims are added with ``view`` (a fraction of the cost of indexing with None).
     """
     global _last
     if _is_compiling():  # traced code must not read or keep a module-level tensor
-        return _normalize(mask, query, key)
+        return _normalize(mask, query, key, bhsd)
     last = _last
-    if mask is last[0] and query.shape == last[1] and key.shape == last[2]:
+    if mask is last[0] and query.shape == last[1] and key.shape == last[2] and bhsd is last[4]:
         return last[3]
-    result = _normalize(mask, query, key)
+    result = _normalize(mask, query, key, bhsd)
     if result[0] is mask or result[0]._base is mask:
-        _last = (mask, query.shape, key.shape, result)
+        _last = (mask, query.shape, key.shape, result, bhsd)
     return result
 
 
-def _normalize(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, str]:
+def _normalize(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor, bhsd: bool) -> tuple[torch.Tensor, str]:
     if not isinstance(mask, torch.Tensor):
         raise CheckFailed(
             f"attn_mask is a {type(mask).__name__}, not a tensor: pass a torch.Tensor (bool: True = attend, or "
             "additive float) of shape (batch, seq_kv), (batch, seq_q, seq_kv) or (batch, heads, seq_q, seq_kv)"
         )
-    batch, seq_q, heads = query.shape[:3]
-    seq_kv = key.shape[1]
+    if bhsd:
+        batch, heads, seq_q = query.shape[:3]
+        seq_kv = key.shape[2]
+    else:
+        batch, seq_q, heads = query.shape[:3]
+        seq_kv = key.shape[1]
     shape = mask.shape
     ndim = len(shape)
     if mask.dtype != torch.bool and not mask.is_floating_point():

@@ -38,6 +38,9 @@ class Backend:
     check: Callable[[CallSpec], list[str]] | None = None
     description: str = ""
     builtin: bool = False
+    # The same function for (batch, heads, seq, head_dim) tensors (SDPA's layout), or None: callers holding that
+    # layout (the patchers) skip two transposes each way on the fast path (dispatch.route_bhsd).
+    fn_bhsd: BackendFn | None = field(default=None, repr=False)
     # The function for calls with later arguments (softcap, window, sinks, return_lse: as keywords, see
     # attnpatch.core.call); None: ``fn``. A built-in may keep ``fn`` lean for the plain calls of the fast path.
     extra_fn: ExtraFn = field(default=None, repr=False)  # type: ignore[assignment]

@@ -92,18 +92,70 @@ def route(
 ) -> Any:
     """:func:`attnpatch.core.dispatch.route` with the redirect suspended, (batch, seq, heads, head_dim) tensors.
 
-    Every patcher routes through here: the ``native`` backend calls F.scaled_dot_product_attention itself, and
-    that call must reach torch, not come back to the dispatcher (also from inside a redirect scope, e.g. a
-    transformers layer that calls both its attention function and F.sdpa). ``module_chain`` and ``site``: the
-    calling layer's selection and name, when the patcher has them (default: what the patcher pushed). ``extra``:
-    the dispatcher's later arguments (softcap, window, sinks, return_lse), passed on only when given.
+    Every patcher routes through here (or :func:`route_bhsd`): the ``native`` backend calls
+    F.scaled_dot_product_attention itself, and that call must reach torch, not come back to the dispatcher (also
+    from inside a redirect scope, e.g. a transformers layer that calls both its attention function and F.sdpa).
+    ``module_chain`` and ``site``: the calling layer's selection and name, when the patcher has them (default: what
+    the patcher pushed). ``extra``: the dispatcher's later arguments (softcap, window, sinks, return_lse), passed
+    on only when given.
     """
+    return _suspended(
+        dispatch.route, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, module_chain, site, extra
+    )
+
+
+def route_bhsd(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    *,
+    module_chain: Chain | None = None,
+    site: str | None = None,
+    **extra: Any,
+) -> Any:
+    """:func:`route` for SDPA's layout, query (batch, heads, seq_q, head_dim), key/value (batch, heads_kv, seq_kv,
+    head_dim) -> out (batch, heads, seq_q, head_dim_v): :func:`attnpatch.core.dispatch.route_bhsd`."""
+    return _suspended(
+        dispatch.route_bhsd,
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        module_chain,
+        site,
+        extra,
+    )
+
+
+def _suspended(
+    router: Callable[..., Any],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    module_chain: Chain | None,
+    site: str | None,
+    extra: dict[str, Any],
+) -> Any:
     local = _local
     saved = local.depth
     if saved:  # written only inside a redirect scope: a write in a traced frame would fail dynamo's own guard on
         local.depth = 0  # this thread-local in the same frame (torch 2.13)
     try:
-        return dispatch.route(
+        return router(
             query,
             key,
             value,
@@ -161,17 +213,8 @@ def _redirect(
             scale=scale,
             enable_gqa=enable_gqa,
         )
-    out = route(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
-        mask,
-        dropout_p,
-        is_causal,
-        scale,
-        enable_gqa,
-    )
-    return out.transpose(1, 2)
+    out: torch.Tensor = route_bhsd(query, key, value, mask, dropout_p, is_causal, scale, enable_gqa)
+    return out
 
 
 def passthrough_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> str | None:

@@ -138,22 +138,14 @@ def _route(
     packed = 0
     if not eager and key.shape[1] != query.shape[1]:
         query, key, value, mask, packed = calls.gqa_as_transformers(module_chain, query, key, value, mask)
-    out = sdpa.route(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
-        mask,
-        dropout,
-        bool(causal),
-        scaling,
-        key.shape[1] != query.shape[1],
-        module_chain=module_chain,
-        site=site,
-        **extra,
+    # In the layout transformers holds (batch, heads, seq, head_dim): native takes it as it is.
+    gqa = key.shape[1] != query.shape[1]
+    out = sdpa.route_bhsd(
+        query, key, value, mask, dropout, bool(causal), scaling, gqa, module_chain=module_chain, site=site, **extra
     )
-    if packed:  # (B, n_rep, Hkv, Dv) of one query token -> (B, 1, H, Dv), as sdpa_attention_forward reshapes it
-        out = out.transpose(1, 2).reshape(out.shape[0], -1, 1, out.shape[-1]).transpose(1, 2)
-    return out.contiguous(), None
+    if packed:  # (B, Hkv, n_rep, Dv) of one query token -> (B, H, 1, Dv), as sdpa_attention_forward reshapes it
+        out = out.reshape(out.shape[0], -1, 1, out.shape[-1])
+    return out.transpose(1, 2).contiguous(), None
 
 
 _scope = selection_module.scope

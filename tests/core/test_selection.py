@@ -324,3 +324,33 @@ def test_site_override_applies_without_observers_on_every_path() -> None:
             seen.clear()
     finally:
         registry.unregister_backend("_rec_override")
+
+
+@pytest.mark.parametrize("name", ["native", "_native_math", "auto"])
+def test_route_bhsd_is_route_in_sdpas_layout(name: str) -> None:
+    # route_bhsd takes and returns (batch, heads, seq, head_dim): native gets the tensors untransposed on the fast
+    # path, every other call goes through route; either way the answer is route's, bitwise.
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)  # GQA, cross-attention
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[0, :3] = False  # left padding
+    additive = torch.randn(1, 1, 7, 9)
+    chain = selection.resolve(name)
+    for mask, causal in ((None, False), (None, True), (padding, False), (padding, True), (additive, False)):
+        expected = dispatch.route(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=causal,
+            module_chain=chain,
+        ).transpose(1, 2)
+        out = dispatch.route_bhsd(q, k, v, attn_mask=mask, is_causal=causal, module_chain=chain)
+        assert out.shape == (2, 4, 7, 8)
+        assert torch.equal(out, expected), (name, mask is None, causal)
+    out, lse = dispatch.route_bhsd(q, k, v, attn_mask=padding, module_chain=chain, return_lse=True)
+    expected, expected_lse = dispatch.route(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=padding, module_chain=chain, return_lse=True
+    )
+    assert torch.equal(out, expected.transpose(1, 2)) and torch.equal(lse, expected_lse)
+    assert lse.shape == (2, 7, 4)  # the dispatcher's lse layout either way
