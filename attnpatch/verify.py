@@ -31,6 +31,7 @@ Cost: one float64 attention per checked call; with the default sampling that is 
 from __future__ import annotations
 
 import atexit
+import functools
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -205,8 +206,11 @@ def reference(
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    **extra: Any,
 ) -> torch.Tensor:
     """Attention in float64 on SDPA's math kernel, in chunks of query rows; returns (B, Sq, H, Dv) float64.
+    ``extra``: the dispatcher's later arguments the call had (softcap, window, sinks), applied as ``_native_math``
+    applies them.
 
     query: (batch, seq_q, heads, head_dim); key/value: (batch, seq_kv, heads_kv, head_dim[_v]); attn_mask in any
     form :func:`attnpatch.dispatch_attention` takes. Runs on the inputs' device (CPU for devices without
@@ -221,6 +225,13 @@ def reference(
         keep = masks.causal(q.shape[1], k.shape[1], device)
         mask = keep[None, None] if mask is None else masks.fold_causal(mask, masks.kind_of(mask), *keep.shape)[0]
     math = registry.get_backend("_native_math").fn
+    if extra:
+        window = extra.pop("window", None)
+        if window is not None:  # folded before chunking: a window is relative to each query row's own position
+            mask = masks.fold_window(mask, window, q.shape[1], k.shape[1], device)
+        if "sinks" in extra:
+            extra["sinks"] = extra["sinks"].detach().to(device=device, dtype=torch.float64)
+        math = functools.partial(registry.get_backend("_native_math").extra_fn, **extra)
     batch, seq_q, heads, _ = q.shape
     rows = max(1, _CHUNK_BYTES // max(1, batch * heads * k.shape[1] * 8 * 3))
     if rows >= seq_q:
@@ -291,7 +302,9 @@ def _observe(record: hooks.CallRecord) -> torch.Tensor | None:
     backend = registry.get_backend(record.served)
     atol, rtol = backend.caps.tolerance_for(record.query.dtype, record.scale, record.query.shape[-1])
     with torch.no_grad():
-        ref = reference(record.query, record.key, record.value, record.attn_mask, record.is_causal, record.scale)
+        ref = reference(
+            record.query, record.key, record.value, record.attn_mask, record.is_causal, record.scale, **record.extra
+        )
         note = output_problem(record.output, ref)
         if note:
             max_abs = max_rel = worst = float("inf")

@@ -341,7 +341,7 @@ def _route_slow(
             continue
         fn: Any = functools.partial(backend.extra_fn, **extra) if extra else backend.fn
         if call.compiling:  # no try under tracing: an error there is a compile error, not a kernel failure
-            return _observed(fn(*args), None, backend, requested, refused, site, args, call)
+            return _observed(fn(*args), None, backend, requested, refused, site, args, call, extra)
         try:
             out, seconds = timer(fn, args) if timer is not None else (fn(*args), None)
         except Exception as exc:  # a kernel that raises falls back like one that refused (strict mode: raises)
@@ -358,7 +358,7 @@ def _route_slow(
             if len(_decisions) >= MAX_DECISIONS:
                 _decisions.clear()
             _decisions[decision_key] = (backend, counted)
-        return _observed(out, seconds, backend, requested, refused, site, args, call)
+        return _observed(out, seconds, backend, requested, refused, site, args, call, extra)
     if failure is not None:
         raise failure  # the last candidate raised too (native on bad input, say): its own error, as unpatched
     raise UnsupportedCall(_unsupported_message(chain, call, refused), _all_reasons(chain, call, refused)) from failure
@@ -373,6 +373,7 @@ def _observed(
     site: str | None,
     args: tuple[Any, ...],
     call: CallSpec,
+    extra: dict[str, Any],
 ) -> Any:
     # Tell the observers (report, verify); one may hand back a replacement output (verify's fallback action).
     # With return_lse they see the output tensor; the lse goes back to the caller beside it.
@@ -381,17 +382,15 @@ def _observed(
     if call.return_lse:
         output, lse = out
         plain = dataclasses.replace(call, return_lse=False)
-        return _observed(output, seconds, backend, requested, refused, site, args, plain), lse
+        return _observed(output, seconds, backend, requested, refused, site, args, plain, extra), lse
     query, key, value, attn_mask, dropout_p, is_causal, scale, _ = args
     record = hooks.CallRecord(
         site, requested.spec, backend.name, refused, query, key, value, attn_mask, dropout_p, is_causal, scale, out
     )
-    record.seconds = seconds
-    # A CallRecord carries no softcap, window or sinks: a replacement computed from it would drop them silently.
-    replaceable = not (call.softcap or call.window or call.sinks)
-    for observer in list(hooks.observers):
-        replaced = observer(record)
-        if replaced is not None and replaceable:
+    record.seconds, record.extra = seconds, {name: got for name, got in extra.items() if name != "return_lse"}
+    for observer in list(hooks.observers):  # a replacement of a call with later arguments is not taken: one made
+        replaced = observer(record)  # without them would drop them silently
+        if replaced is not None and not (call.softcap or call.window or call.sinks):
             out = record.output = replaced
     return out
 

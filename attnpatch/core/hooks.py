@@ -15,7 +15,7 @@ Everything here is read by the dispatcher only on its slow path, which it takes 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,8 @@ class CallRecord:
     scale: float | None
     output: torch.Tensor
     seconds: float | None = None  # the backend call's duration, when a call timer is set
+    # The later arguments the call had (softcap, window, sinks; see attnpatch.core.call), empty for most calls.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 Observer = Callable[[CallRecord], "torch.Tensor | None"]

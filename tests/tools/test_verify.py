@@ -283,3 +283,32 @@ def test_a_growing_kv_cache_is_checked_per_power_of_two_not_per_step() -> None:
             selection.pop_module(saved)
     assert [c.key[1] for c in verify.results()] == [1, 2, 3, 5, 9, 17, 33]
     assert verify.bucket(33) == verify.bucket(64) == 64 and verify.bucket(1) == 1
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_calls_with_softcap_window_sinks_are_checked_with_them(chunked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 12's arguments reach verify (CallRecord.extra) and its float64 reference applies them: routed Gemma 2 /
+    # gpt-oss calls are not reported as mismatches. Chunked: the window stays relative to each query's position.
+    if chunked:
+        monkeypatch.setattr(verify, "_CHUNK_BYTES", 4096)  # a few query rows per chunk
+    verify.enable(1, "raise")
+    q = qkv(heads=4, seq=20)
+    kv = qkv(seed=1, heads=2, seq=20)
+    sinks = torch.linspace(-1.0, 1.0, 4)
+    cases: list[dict[str, Any]] = [
+        {"softcap": 2.0},
+        {"window": (3, 0)},
+        {"sinks": sinks},
+        {"softcap": 2.0, "window": (4, 2), "sinks": sinks, "attn_mask": torch.ones(2, 20, dtype=torch.bool)},
+    ]
+    for i, kwargs in enumerate(cases):
+        for backend in ("native", "_native_math"):
+            saved = selection.push_module(selection.resolve(backend), f"layer.{i}")
+            try:
+                attnpatch.dispatch_attention(q, kv, kv, **kwargs)
+            finally:
+                selection.pop_module(saved)
+    checks = verify.results()
+    assert len(checks) == 8 and all(c.ok for c in checks), [(c.site, c.backend, c.worst) for c in checks if not c.ok]
+    for kwargs in cases[:3]:  # each argument changes the reference: the checks above compared something
+        assert not torch.allclose(verify.reference(q, kv, kv), verify.reference(q, kv, kv, **kwargs))
