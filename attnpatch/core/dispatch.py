@@ -72,8 +72,8 @@ def _sync() -> None:
     _strict = selection.strict()
     _plain = not selection.checks() and not hooks.observers
     _fast = _plain and not hooks.has_site_overrides()
-    _decisions.clear()
-    _resolved.clear()  # strict mode, checks, the auto chooser: decisions may differ now
+    _decisions.clear()  # strict mode, checks, the auto chooser: decisions may differ now
+    _resolved.clear()
     _default = selection.loaded_default()
     _contexts = selection.open_contexts()
 
@@ -221,8 +221,7 @@ def route_bhsd(
     are (:func:`route` would cost two transposes each way); every other call is :func:`route` on transposed views.
     """
     if not extra and _fast:
-        chain = module_chain or _scope.module or (selection.context_chain() if _contexts else _scope.context)
-        fast = (chain or _default or selection.default_chain()).fast
+        fast = effective_chain(None, module_chain).fast
         if fast is not None and fast.fn_bhsd is not None:
             if attn_mask is not None:
                 attn_mask, kind = masks.normalize(attn_mask, query, key, bhsd=True)

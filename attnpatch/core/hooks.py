@@ -9,7 +9,8 @@
 - The call timer times the backend call itself (report's timing) and fills :attr:`CallRecord.seconds`.
 - The selection origin says what chose a site's selection now (a plan's rule), for the report's rows.
 
-Everything here is read by the dispatcher only on its slow path, which it takes while an observer is registered.
+Everything here is read by the dispatcher only on its slow path, which it takes while an observer is registered
+or a site has an override.
 """
 
 from __future__ import annotations
