@@ -134,10 +134,7 @@ def kind_of(call: CallSpec, batch: int) -> str:
     return (
         f"{call.device_type} {dtype_name(call.dtype)} b{_pow2(batch)} h{call.heads_q}/{call.heads_kv}"
         f" d{call.head_dim}/{call.head_dim_v} s{_pow2(call.seq_q)}x{_pow2(call.seq_kv)} mask={call.mask_kind}"
-        + (" causal" if call.is_causal else "")
-        + (" dropout" if call.dropout else "")
-        + (" grad" if call.needs_grad else "")
-    )
+    ) + "".join(f" {word}" for word in call.flags("is_causal", "dropout", "needs_grad"))
 
 
 def choose(call: CallSpec, candidates: list[Backend], args: tuple[Any, ...]) -> Backend:

@@ -10,13 +10,16 @@ break; its backward replays the library's own autograd.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
 from attnpatch.core import registry
-from attnpatch.core.call import BackendFn, CallSpec, ExtraFn
+from attnpatch.core.call import BackendFn, CallSpec, ExtraFn, SdpaArgs
 from attnpatch.core.capabilities import ACCEPT_ALL, Capabilities
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def define(
@@ -84,21 +87,10 @@ def external(name: str, kernel: BackendFn) -> BackendFn:
     """
     _kernels[name] = kernel
 
-    def run(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-        scale: float | None,
-        enable_gqa: bool,
-    ) -> torch.Tensor:
+    def run(*args: Unpack[SdpaArgs]) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return torch.ops.attnpatch.external_attention(
-                query, key, value, attn_mask, dropout_p, is_causal, scale, name
-            )
-        return kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            return torch.ops.attnpatch.external_attention(*args[:7], name)  # all but enable_gqa (see the schema)
+        return kernel(*args)
 
     run.__name__ = run.__qualname__ = name
     run.__doc__ = kernel.__doc__
@@ -109,22 +101,22 @@ _SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, float? scale, "
     "str kernel)"
 )
+# The custom op's arguments, as _SCHEMA names them: the calling convention's first seven and the kernel's name.
+ExternalArgs: TypeAlias = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float, bool, float | None, str
+]
 
 
 @torch.library.custom_op("attnpatch::external_attention", mutates_args=(), schema=_SCHEMA + " -> Tensor")
-def _external_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    kernel: str,
-) -> torch.Tensor:
+def _external_attention(*args: Unpack[ExternalArgs]) -> torch.Tensor:
     # Contiguous, as the fake below promises (the kernels return contiguous outputs already: no copy for them).
+    return _run_kernel(*args).contiguous()
+
+
+def _run_kernel(*args: Unpack[ExternalArgs]) -> torch.Tensor:
     # GQA is decided from the shapes (heads_kv divides heads_q), so enable_gqa is not part of the op's schema.
-    return _kernels[kernel](query, key, value, attn_mask, dropout_p, is_causal, scale, False).contiguous()
+    query, key, value, attn_mask, dropout_p, is_causal, scale, kernel = args
+    return _kernels[kernel](query, key, value, attn_mask, dropout_p, is_causal, scale, False)
 
 
 @_external_attention.register_fake
@@ -138,21 +130,13 @@ def _external_attention_fake(query: torch.Tensor, key: torch.Tensor, value: torc
     schema="(Tensor grad, " + _SCHEMA[1:] + " -> (Tensor, Tensor, Tensor)",
 )
 def _external_attention_backward(
-    grad: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    kernel: str,
+    grad: torch.Tensor, *args: Unpack[ExternalArgs]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Replay the forward through the library's own autograd and differentiate it: the only backward every
     # library documents (their low-level backward functions change signature between minor versions).
     with _autograd_enabled(), torch.enable_grad():
-        q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
-        out = _kernels[kernel](q, k, v, attn_mask, dropout_p, is_causal, scale, False)
+        q, k, v = (t.detach().requires_grad_() for t in args[:3])
+        out = _run_kernel(q, k, v, *args[3:])
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
     return dq, dk, dv
 

@@ -13,10 +13,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from attnpatch.core import masks
+from attnpatch.core.call import SdpaArgs
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def add_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -63,18 +68,8 @@ def window_as_mask(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
     """``fn``, a backend function that takes masks, for calls with a sliding window: the window (top-left aligned,
     with causality when both are given) is folded into the mask first. For the backend's ``extra_fn``."""
 
-    def with_window(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-        scale: float | None,
-        enable_gqa: bool,
-        *,
-        window: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
+    def with_window(*args: Unpack[SdpaArgs], window: tuple[int, int] | None = None) -> torch.Tensor:
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = args
         attn_mask, is_causal = fold_window(query, key, attn_mask, is_causal, window)
         return fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 

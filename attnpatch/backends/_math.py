@@ -10,23 +10,20 @@ with finite gradients there.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from attnpatch.core import masks
+from attnpatch.core.call import SdpaArgs
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool = False,
-    *,
+    *args: Unpack[SdpaArgs],
     softcap: float | None = None,
     window: tuple[int, int] | None = None,
     sinks: torch.Tensor | None = None,
@@ -39,6 +36,7 @@ def attention(
     Returns out (batch, seq_q, heads, head_dim_v) in query's dtype, and with ``return_lse`` also
     lse (batch, seq_q, heads) float32, the natural-log log-sum-exp of the scaled, capped, masked logits.
     """
+    query, key, value, attn_mask, dropout_p, is_causal, scale, _ = args
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, k, v = (t.transpose(1, 2).to(compute) for t in (query, key, value))  # (B, H, S, D)
     heads, heads_kv = q.shape[1], k.shape[1]

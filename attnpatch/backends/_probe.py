@@ -21,6 +21,9 @@ from attnpatch.core.call import CallSpec, emulated, emulated_rocm
 from attnpatch.core.versions import installed, installed_version, version_tuple
 
 HALF = frozenset({torch.float16, torch.bfloat16})
+# What the fused CUDA kernels (flash-attn, SageAttention, AITER) share: fp16/bf16 on CUDA, one head dim for query,
+# key and value. Each family replaces the rest.
+FUSED_CUDA = capabilities.Capabilities(devices=frozenset({"cuda"}), dtypes=HALF, same_v_head_dim=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -19,15 +19,17 @@ import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnpatch.backends import _probe, hub
 from attnpatch.backends._define import define
-from attnpatch.backends._probe import HALF
-from attnpatch.core.call import MASK_NONE, BackendFn, CallSpec
+from attnpatch.core.call import MASK_NONE, BackendFn, CallSpec, SdpaArgs
 from attnpatch.core.capabilities import Capabilities
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 AITER_VERSION = "0.1.5"
 # PyPI has amd-aiter only as pre-releases (0.1.7.post2.dev18): pip finds nothing for 'amd-aiter>=0.1.5' without
@@ -82,17 +84,9 @@ def imported_reasons(call: CallSpec) -> list[str]:
 def aiter_kernel(library: Callable[[], Any]) -> BackendFn:
     """``flash_attn_func`` of the module ``library()`` returns (aiter, or its Hub build), as a dispatcher kernel."""
 
-    def aiter(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-        scale: float | None,
-        enable_gqa: bool,
-    ) -> torch.Tensor:
+    def aiter(*args: Unpack[SdpaArgs]) -> torch.Tensor:
         """aiter flash_attn_func on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim)."""
+        query, key, value, _, dropout_p, is_causal, scale, _ = args
         kwargs: dict[str, Any] = {"dropout_p": dropout_p, "softmax_scale": scale, "causal": is_causal}
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
             kwargs["return_lse"] = True  # its forward asserts return_lse when a backward will follow
@@ -103,11 +97,9 @@ def aiter_kernel(library: Callable[[], Any]) -> BackendFn:
 
 
 # What AITER's FlashAttention serves (shared with aiter_fa2_hub).
-AITER = Capabilities(
-    devices=frozenset({"cuda"}),  # ROCm tensors are "cuda" tensors; requires() checks for a ROCm torch
-    dtypes=HALF,
+AITER = dataclasses.replace(
+    _probe.FUSED_CUDA,  # ROCm tensors are "cuda" tensors; requires() checks for a ROCm torch
     max_head_dim=256,
-    same_v_head_dim=True,
     masks=frozenset({MASK_NONE}),
     causal_cross=False,
     priority=55,  # above torch's aotriton flash (40) on MI300, the only other kernel there

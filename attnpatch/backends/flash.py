@@ -33,16 +33,18 @@ import math
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnpatch.backends import _extras, _probe, _varlen, hub
 from attnpatch.backends._define import define
-from attnpatch.backends._probe import HALF
-from attnpatch.core.call import MASK_KEY_PADDING, MASK_NONE, BackendFn, CallSpec
+from attnpatch.core.call import MASK_KEY_PADDING, MASK_NONE, BackendFn, CallSpec, SdpaArgs
 from attnpatch.core.capabilities import Capabilities
 from attnpatch.core.versions import distribution_version
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 FLASH_VERSION = "2.6.3"
 FLASH_HINT = " --no-build-isolation"
@@ -70,15 +72,7 @@ def flash_kernel(library: Callable[[], Any], *, version: int = 2, varlen: bool =
     """
 
     def flash(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-        scale: float | None,
-        enable_gqa: bool,
-        *,
+        *args: Unpack[SdpaArgs],
         softcap: float | None = None,
         window: tuple[int, int] | None = None,
         sinks: torch.Tensor | None = None,
@@ -86,6 +80,7 @@ def flash_kernel(library: Callable[[], Any], *, version: int = 2, varlen: bool =
     ) -> Any:
         """q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim) -> like q; with return_lse
         (out, lse (batch, seq_q, heads) float32)."""
+        query, key, value, attn_mask, dropout_p, is_causal, scale, _ = args
         kwargs: dict[str, Any] = {"softmax_scale": scale, "causal": is_causal}
         if version == 2:
             kwargs.update(dropout_p=dropout_p, deterministic=_probe.deterministic())
@@ -159,14 +154,8 @@ def extras_reasons(call: CallSpec) -> list[str]:
 
 
 # What FlashAttention-2 serves; FlashAttention-3 (and 4) differ as FA3 says. Shared with the Hub builds below.
-FA2 = Capabilities(
-    devices=frozenset({"cuda"}),
-    dtypes=HALF,
-    max_head_dim=256,
-    same_v_head_dim=True,
-    causal_cross=False,
-    min_compute_capability=(8, 0),
-    **EXTRAS,
+FA2 = dataclasses.replace(
+    _probe.FUSED_CUDA, max_head_dim=256, causal_cross=False, min_compute_capability=(8, 0), **EXTRAS
 )
 FA3 = dataclasses.replace(
     FA2,

@@ -7,8 +7,8 @@ instead of failing inside torch with "No available kernel".
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,11 @@ from attnpatch.backends import _extras, _math, _probe
 from attnpatch.backends._define import define
 from attnpatch.backends._probe import cuda_reasons
 from attnpatch.core import masks
-from attnpatch.core.call import MASK_NONE, CallSpec
+from attnpatch.core.call import MASK_NONE, BackendFn, CallSpec, ExtraArgs, ExtraFn, SdpaArgs
 from attnpatch.core.capabilities import Capabilities
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 HALF = frozenset({torch.float16, torch.bfloat16})
 
@@ -75,68 +78,44 @@ def native_bhsd(
     )
 
 
-def native_extra(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-    *,
-    softcap: float | None = None,
-    window: tuple[int, int] | None = None,
-    sinks: torch.Tensor | None = None,
-    return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``native`` for calls with the later arguments (attnpatch/core/call.py), (batch, seq, heads, head_dim).
+def _with_extras(run: BackendFn, math_fallback: bool) -> ExtraFn:
+    # ``run`` (native, or a pinned kernel) with the later arguments it declares. A window is folded into the mask.
+    # Without softcap: ``run`` serves the window alone, and torch's CPU flash kernel returns the lse (for
+    # return_lse, and sinks as out * sigmoid(lse - sink)) where it serves the call exactly
+    # (:func:`attnpatch.backends._extras.cpu_flash_lse_serves`); a pinned kernel declares the lse only where it
+    # does. With ``math_fallback`` everything else (softcap, an lse on GPU, an lse or sinks with gradients) runs as
+    # torch operations in float32 (attnpatch/backends/_math.py), with memory (batch, heads, seq_q, seq_kv).
+    def run_extra(
+        *args: Unpack[SdpaArgs], **extra: Unpack[ExtraArgs]
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = args
+        softcap, sinks, return_lse = extra.get("softcap"), extra.get("sinks"), extra.get("return_lse", False)
+        attn_mask, is_causal = _extras.fold_window(query, key, attn_mask, is_causal, extra.get("window"))
+        if softcap is None and sinks is None and not return_lse:
+            return run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        tensors = (query, key, value, sinks)
+        if softcap is None and (not math_fallback or _extras.cpu_flash_lse_serves(query, value, dropout_p, *tensors)):
+            out, lse = _extras.cpu_flash_lse(query, key, value, attn_mask, is_causal, scale)
+            out = out if sinks is None else _extras.add_sinks(out, lse, sinks)
+            return (out, lse) if return_lse else out
+        call = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return _math.attention(*call, softcap=softcap, sinks=sinks, return_lse=return_lse)
 
-    A window is folded into the mask. Without softcap: SDPA serves the window alone, and on CPU torch's flash
-    kernel returns the lse (for return_lse, and sinks as out * sigmoid(lse - sink)) where it serves the call
-    exactly (:func:`attnpatch.backends._extras.cpu_flash_lse_serves`). Everything else (softcap, an lse on GPU, an
-    lse or sinks with gradients) runs as torch operations in float32 (attnpatch/backends/_math.py), with memory
-    (batch, heads, seq_q, seq_kv).
-    """
-    attn_mask, is_causal = _extras.fold_window(query, key, attn_mask, is_causal, window)
-    if softcap is None and sinks is None and not return_lse:
-        return native(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if softcap is None and _extras.cpu_flash_lse_serves(query, value, dropout_p, query, key, value, sinks):
-        out, lse = _extras.cpu_flash_lse(query, key, value, attn_mask, is_causal, scale)
-        if sinks is not None:
-            out = _extras.add_sinks(out, lse, sinks)
-        return (out, lse) if return_lse else out
-    return _math.attention(
-        query,
-        key,
-        value,
-        attn_mask,
-        dropout_p,
-        is_causal,
-        scale,
-        softcap=softcap,
-        sinks=sinks,
-        return_lse=return_lse,
-    )
+    run_extra.__name__ = run_extra.__qualname__ = f"{run.__name__}_extra"
+    return run_extra
 
 
-# Every later argument, the lse with its gradient (the torch operations of _math are differentiable).
+# ``native`` for calls with the later arguments (attnpatch/core/call.py), (batch, seq, heads, head_dim): every one
+# of them, the lse with its gradient (the torch operations of _math are differentiable).
+native_extra = _with_extras(native, math_fallback=True)
 EXTRAS: dict[str, Any] = {"softcap": True, "window": True, "sinks": True, "return_lse": True, "lse_grad": True}
 
 
-def _pinned(kernel: SDPBackend, expand_gqa: bool = False) -> Callable[..., torch.Tensor]:
+def _pinned(kernel: SDPBackend, expand_gqa: bool = False) -> BackendFn:
     # The pinned kernels have the same contract as `native`; only the kernel choice differs. Kernels without
     # native GQA get key/value heads repeated, which is what torch's own fallback would do.
-    def run(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-        scale: float | None,
-        enable_gqa: bool,
-    ) -> torch.Tensor:
+    def run(*args: Unpack[SdpaArgs]) -> torch.Tensor:
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = args
         if kernel == SDPBackend.FLASH_ATTENTION:
             # The flash kernels need stride 1 in the head dim (a transposed view gets "No available kernel").
             query, key, value = (_probe.last_dim_contiguous(t) for t in (query, key, value))
@@ -150,33 +129,6 @@ def _pinned(kernel: SDPBackend, expand_gqa: bool = False) -> Callable[..., torch
 
     run.__name__ = run.__qualname__ = f"sdpa_{kernel.name.lower()}"
     return run
-
-
-def _pinned_extra(run: Callable[..., torch.Tensor]) -> Callable[..., Any]:
-    # A pinned kernel with the later arguments it declares: a window folded into the mask; on CPU the flash
-    # kernel's lse (return_lse, and sinks from it), which only _native_flash declares and only on CPU.
-    def run_extra(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-        scale: float | None,
-        enable_gqa: bool,
-        *,
-        window: tuple[int, int] | None = None,
-        sinks: torch.Tensor | None = None,
-        return_lse: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        attn_mask, is_causal = _extras.fold_window(query, key, attn_mask, is_causal, window)
-        if sinks is None and not return_lse:
-            return run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        out, lse = _extras.cpu_flash_lse(query, key, value, attn_mask, is_causal, scale)
-        out = out if sinks is None else _extras.add_sinks(out, lse, sinks)
-        return (out, lse) if return_lse else out
-
-    return run_extra
 
 
 define(
@@ -200,21 +152,27 @@ define(
     extra_fn=_math.attention,
 )
 
-_sdpa_flash = _pinned(SDPBackend.FLASH_ATTENTION)
-define(
+
+def _define_pinned(
+    name: str, kernel: SDPBackend, caps: Capabilities, description: str, expand_gqa: bool = False, **options: Any
+) -> None:
+    # A pinned kernel serves the later arguments its capabilities declare as _with_extras does: a window as a
+    # mask, on CPU the flash kernel's lse.
+    run = _pinned(kernel, expand_gqa)
+    extra_fn = _with_extras(run, math_fallback=False)
+    define(name, run, family="native", caps=caps, description=description, extra_fn=extra_fn, **options)
+
+
+_define_pinned(
     "_native_flash",
-    _sdpa_flash,
-    family="native",
+    SDPBackend.FLASH_ATTENTION,
     # The CPU flash kernel takes masks, fp32/fp64 and any head dim but no dropout; the CUDA one (FA2
     # inside torch) takes fp16/bf16, head_dim <= 256 and no arbitrary mask.
     # On CPU `native` already picks this kernel when it can, so `auto` ranks it only on CUDA.
     # Windows become masks; on CPU the kernel returns the lse (no gradient), and sinks are served from it.
-    caps=Capabilities(
-        devices=frozenset({"cpu", "cuda"}), priority={"cuda": 40}, window=True, sinks=True, return_lse=True
-    ),
+    Capabilities(devices=frozenset({"cpu", "cuda"}), priority={"cuda": 40}, window=True, sinks=True, return_lse=True),
+    "SDPA pinned to its FlashAttention kernel (torch's bundled FA2 on CUDA, its own on CPU)",
     check=lambda call: _flash_sdpa_reasons(call),
-    description="SDPA pinned to its FlashAttention kernel (torch's bundled FA2 on CUDA, its own on CPU)",
-    extra_fn=_pinned_extra(_sdpa_flash),
 )
 
 
@@ -244,42 +202,26 @@ def _flash_sdpa_reasons(call: CallSpec) -> list[str]:
     return reasons
 
 
-_sdpa_efficient = _pinned(SDPBackend.EFFICIENT_ATTENTION, expand_gqa=True)
-define(
-    "_native_efficient",
-    _sdpa_efficient,
-    family="native",
-    caps=Capabilities(
-        devices=frozenset({"cuda"}),
-        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        head_dim_multiple=8,
-        gqa=True,  # served by repeating key/value heads
-        priority=30,
-        window=True,  # as a mask
-    ),
-    requires=cuda_reasons,
-    description="SDPA pinned to its memory-efficient (xFormers-derived) kernel; CUDA",
-    aliases=("efficient", "mem_efficient"),
-    extra_fn=_pinned_extra(_sdpa_efficient),
-)
+# What the pinned CUDA kernels (efficient, cuDNN) share: key/value heads repeated for GQA, windows as masks.
+CUDA_PINNED = Capabilities(devices=frozenset({"cuda"}), head_dim_multiple=8, window=True)
 
-_sdpa_cudnn = _pinned(SDPBackend.CUDNN_ATTENTION, expand_gqa=True)
-define(
-    "_native_cudnn",
-    _sdpa_cudnn,
-    family="native",
-    caps=Capabilities(
-        devices=frozenset({"cuda"}),
-        dtypes=HALF,
-        max_head_dim=128,
-        head_dim_multiple=8,
-        same_v_head_dim=True,
-        min_compute_capability=(8, 0),
-        priority=45,
-        window=True,  # as a mask
-    ),
+_define_pinned(
+    "_native_efficient",
+    SDPBackend.EFFICIENT_ATTENTION,
+    dataclasses.replace(CUDA_PINNED, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), priority=30),
+    "SDPA pinned to its memory-efficient (xFormers-derived) kernel; CUDA",
+    expand_gqa=True,
     requires=cuda_reasons,
-    description="SDPA pinned to its cuDNN attention kernel; CUDA, compute capability >= 8.0",
+    aliases=("efficient", "mem_efficient"),
+)
+_define_pinned(
+    "_native_cudnn",
+    SDPBackend.CUDNN_ATTENTION,
+    dataclasses.replace(
+        CUDA_PINNED, dtypes=HALF, max_head_dim=128, same_v_head_dim=True, min_compute_capability=(8, 0), priority=45
+    ),
+    "SDPA pinned to its cuDNN attention kernel; CUDA, compute capability >= 8.0",
+    expand_gqa=True,
+    requires=cuda_reasons,
     aliases=("cudnn",),
-    extra_fn=_pinned_extra(_sdpa_cudnn),
 )

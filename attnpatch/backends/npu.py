@@ -20,6 +20,7 @@ torch_npu registers it as an operator with meta functions and a backward, so it 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,8 +28,11 @@ from attnpatch.backends import _extras, _probe
 from attnpatch.backends._define import define
 from attnpatch.backends._probe import HALF
 from attnpatch.core import masks
-from attnpatch.core.call import MASK_BOOL, MASK_KEY_PADDING, MASK_NONE
+from attnpatch.core.call import MASK_BOOL, MASK_KEY_PADDING, MASK_NONE, SdpaArgs
 from attnpatch.core.capabilities import Capabilities
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 LEFT_UP_CAUSAL = 2  # sparse_mode
 # Each torch-npu release requires torch of its own release (torch-npu 2.14.0: torch==2.14.0.*), so an unpinned
@@ -46,17 +50,9 @@ def _causal_mask(device: torch.device) -> torch.Tensor:
     return torch.ones(COMPRESSED_MASK, COMPRESSED_MASK, dtype=torch.bool, device=device).triu(diagonal=1)
 
 
-def native_npu(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-) -> torch.Tensor:
+def native_npu(*args: Unpack[SdpaArgs]) -> torch.Tensor:
     """npu_fusion_attention on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim), BSND."""
+    query, key, value, attn_mask, dropout_p, is_causal, scale, _ = args
     npu_fusion_attention = _probe.lib("torch_npu").npu_fusion_attention
     extra: dict[str, object] = {}
     if attn_mask is not None:

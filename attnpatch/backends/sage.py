@@ -24,16 +24,18 @@ import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnpatch.backends import _probe, _varlen, hub
 from attnpatch.backends._define import define
-from attnpatch.backends._probe import HALF
-from attnpatch.core.call import MASK_KEY_PADDING, MASK_NONE, BackendFn, CallSpec
+from attnpatch.core.call import MASK_KEY_PADDING, MASK_NONE, BackendFn, CallSpec, SdpaArgs
 from attnpatch.core.capabilities import Capabilities
 from attnpatch.core.versions import installed_version, version_tuple
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # sageattn's own dispatch table in 2.1.1 (core.py): any other architecture raises ValueError inside the call.
 SAGEATTN_ARCHS = ((8, 0), (8, 6), (8, 9), (9, 0), (12, 0))
@@ -163,17 +165,9 @@ def sage_kernel(function: str, library: Callable[[], Any] = _library, per_warp_o
     ``sageattn_varlen`` serves key-padding masks: keys packed with cu_seqlens, every query row kept.
     """
 
-    def sage(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-        scale: float | None,
-        enable_gqa: bool,
-    ) -> torch.Tensor:
+    def sage(*args: Unpack[SdpaArgs]) -> torch.Tensor:
         """SageAttention on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim), NHD."""
+        query, key, value, attn_mask, _, is_causal, scale, _ = args
         module = library()
         query, key, value = (_offsets_fit(_probe.last_dim_contiguous(t)) for t in (query, key, value))
         kernel = getattr(module, function)
@@ -194,11 +188,9 @@ def sage_kernel(function: str, library: Callable[[], Any] = _library, per_warp_o
 
 
 # What every SageAttention kernel serves (shared with sage_hub and sage_blackwell_hub).
-SAGE = Capabilities(
-    devices=frozenset({"cuda"}),
-    dtypes=HALF,
+SAGE = dataclasses.replace(
+    _probe.FUSED_CUDA,
     max_head_dim=128,
-    same_v_head_dim=True,
     masks=frozenset({MASK_NONE}),
     dropout=False,
     backward=False,
@@ -339,17 +331,9 @@ _define(
 # exact: each head is quantised on its own.
 
 
-def sage3_kernel(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-) -> torch.Tensor:
+def sage3_kernel(*args: Unpack[SdpaArgs]) -> torch.Tensor:
     """sageattn3_blackwell on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim)."""
+    query, key, value, _, _, is_causal, _, _ = args
     heads, heads_kv = query.shape[2], key.shape[2]
     if heads_kv != heads:
         key = key.repeat_interleave(heads // heads_kv, dim=2)

@@ -23,31 +23,26 @@ operator (docs/kernel-facts.md).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnpatch.backends import _extras, _probe
 from attnpatch.backends._define import define
 from attnpatch.core import masks
-from attnpatch.core.call import ALL_MASKS, MASK_NONE, CallSpec
+from attnpatch.core.call import ALL_MASKS, MASK_NONE, CallSpec, SdpaArgs
 from attnpatch.core.capabilities import Capabilities
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 XFORMERS_VERSION = "0.0.29"
 ALIGNMENT = 8  # keys; 16 bytes of fp16/bf16 (fp32 needs 4, which 8 satisfies)
 
 
-def xformers_kernel(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-) -> torch.Tensor:
+def xformers_kernel(*args: Unpack[SdpaArgs]) -> torch.Tensor:
     """memory_efficient_attention on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim)."""
+    query, key, value, attn_mask, dropout_p, is_causal, scale, _ = args
     ops = _probe.lib("xformers.ops")
     heads, heads_kv = query.shape[2], key.shape[2]
     query, key, value = (_probe.last_dim_contiguous(t) for t in (query, key, value))

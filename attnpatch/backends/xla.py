@@ -22,13 +22,18 @@ attention-matrix-sized tensor per call (86 GB at Wan's 32760 tokens), so such ca
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from attnpatch.backends import _probe
 from attnpatch.backends._define import define
-from attnpatch.core.call import MASK_NONE, CallSpec
+from attnpatch.core.call import MASK_NONE, CallSpec, SdpaArgs
 from attnpatch.core.capabilities import Capabilities
 from attnpatch.core.versions import installed_version, version_tuple
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 XLA_VERSION = "2.4"
 KERNEL_MODULE = "torch_xla.experimental.custom_kernel"
@@ -43,17 +48,9 @@ XLA_HINT = (
 )
 
 
-def native_xla(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-) -> torch.Tensor:
+def native_xla(*args: Unpack[SdpaArgs]) -> torch.Tensor:
     """torch_xla flash_attention on q (batch, seq_q, heads, head_dim), k/v (batch, seq_kv, heads_kv, head_dim)."""
+    query, key, value, _, _, is_causal, scale, _ = args
     flash_attention = _probe.lib(KERNEL_MODULE).flash_attention
     heads, heads_kv = query.shape[2], key.shape[2]
     if heads_kv != heads:  # the kernel wants one key head per query head

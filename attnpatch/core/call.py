@@ -10,6 +10,13 @@ A backend function takes the dispatcher's arguments in its layout, the first eig
     is_causal: top-left aligned, as in torch's scaled_dot_product_attention. Never set together with a mask:
                the dispatcher folds causality into the mask first.
 
+The eight are :data:`SdpaArgs`. A backend function may spell them out as parameters (``native`` does: it is on
+the per-call fast path, where a tuple costs time), or take them as ``*args: Unpack[SdpaArgs]`` and unpack them
+where it reads them (``query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = args``): every
+internal function that only serves or passes a call on does the latter, so the convention is written here once.
+Functions that a library calls by keyword (the replacements of ``F.scaled_dot_product_attention`` and of diffusers'
+``dispatch_attention_fn``, diffusers' forward op) keep that library's signature.
+
 Arguments added later arrive as keyword arguments in ``extra``, only when the call has them, and only to backends
 whose :class:`~attnpatch.core.capabilities.Capabilities` declare them: every other backend refuses such a call
 with a reason before it is made, so adding an argument never touches the backends that do not serve it::
@@ -34,12 +41,17 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, TypeAlias, TypedDict
 
 import torch
 
 from attnpatch.errors import CheckFailed
 
+# The eight positional arguments of a backend function (query, key, value, attn_mask, dropout_p, is_causal, scale,
+# enable_gqa), for ``*args: Unpack[SdpaArgs]`` (see the module docstring).
+SdpaArgs: TypeAlias = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float, bool, float | None, bool
+]
 BackendFn = Callable[..., torch.Tensor]
 # A backend function for calls with the later arguments: returns out, or (out, lse) with return_lse.
 ExtraFn = Callable[..., Any]
@@ -259,10 +271,14 @@ class CallSpec:
         return (
             f"{self.device_type} {dtype_name(self.dtype)}, heads {self.heads_q}/{self.heads_kv}, "
             f"seq {self.seq_q}x{self.seq_kv}, head_dim {self.head_dim}, mask {self.mask_kind}"
-            + (", causal" if self.is_causal else "")
-            + (", dropout" if self.dropout else "")
-            + (", softcap" if self.softcap else "")
-            + (", window" if self.window else "")
-            + (", sinks" if self.sinks else "")
-            + (", return_lse" if self.return_lse else "")
+        ) + "".join(
+            f", {word}" for word in self.flags("is_causal", "dropout", "softcap", "window", "sinks", "return_lse")
         )
+
+    def flags(self, *names: str) -> list[str]:
+        """The words for those of the boolean fields ``names`` that are set, in that order (``is_causal`` is
+        "causal", ``needs_grad`` "grad", any other its own name)."""
+        return [_FLAG_WORDS.get(name, name) for name in names if getattr(self, name)]
+
+
+_FLAG_WORDS = {"is_causal": "causal", "needs_grad": "grad"}

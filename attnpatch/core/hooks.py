@@ -23,6 +23,7 @@ import torch
 
 from attnpatch.core import forksafe
 from attnpatch.core.call import CallSpec
+from attnpatch.core.listeners import Listeners
 from attnpatch.core.registry import Backend
 
 
@@ -58,24 +59,27 @@ SelectionOrigin = Callable[[str], "str | None"]
 DIRECT = "<direct>"
 
 _lock = forksafe.Lock()
-_listeners: list[Callable[[], None]] = []
+_changed = Listeners()
 
 # Read by the dispatcher (a list that is empty while nobody observes); change it with add/remove_observer.
 observers: list[Observer] = []
-_auto_chooser: AutoChooser | None = None
-_call_timer: CallTimer | None = None
 _overrides: dict[str, str] = {}
-_origin: SelectionOrigin | None = None
+# The hooks that hold one function each (None: none), set and read through the verbs below.
+_installed: dict[str, Any] = {"auto_chooser": None, "call_timer": None, "origin": None}
 
 
 def on_change(listener: Callable[[], None]) -> None:
     """Call ``listener`` when the observers change (the dispatcher decides its fast path from them)."""
-    _listeners.append(listener)
+    _changed.add(listener)
 
 
-def _changed() -> None:
-    for listener in _listeners:
-        listener()
+def _install(name: str, hook: Any, notify: bool = False) -> Any:
+    # Install one of the single-function hooks; returns the previous one. ``notify``: the dispatcher's decisions
+    # depend on it.
+    previous, _installed[name] = _installed[name], hook
+    if notify:
+        _changed()
+    return previous
 
 
 def add_observer(observer: Observer) -> None:
@@ -100,25 +104,20 @@ def clear_observers() -> None:
 
 def set_auto_chooser(chooser: AutoChooser | None) -> AutoChooser | None:
     """Install ``chooser`` for ``auto`` (None: the highest priority wins); returns the previous one."""
-    global _auto_chooser
-    previous, _auto_chooser = _auto_chooser, chooser
-    _changed()
-    return previous
+    return _install("auto_chooser", chooser, notify=True)
 
 
 def auto_chooser() -> AutoChooser | None:
-    return _auto_chooser
+    return _installed["auto_chooser"]
 
 
 def set_call_timer(timer: CallTimer | None) -> CallTimer | None:
     """Time each backend call with ``timer`` while observers run (None: no timing); returns the previous one."""
-    global _call_timer
-    previous, _call_timer = _call_timer, timer
-    return previous
+    return _install("call_timer", timer)
 
 
 def call_timer() -> CallTimer | None:
-    return _call_timer
+    return _installed["call_timer"]
 
 
 def set_site_override(site: str, selection: str | None) -> None:
@@ -151,33 +150,23 @@ def clear_site_overrides() -> None:
 
 def set_selection_origin(origin: SelectionOrigin | None) -> SelectionOrigin | None:
     """Install ``origin`` (None: none), which says what chose a site's selection; returns the previous one."""
-    global _origin
-    previous, _origin = _origin, origin
-    return previous
+    return _install("origin", origin)
 
 
 def selection_origin(site: str | None) -> str | None:
     """What chose the selection of ``site``'s call running now (a plan's rule), None when nothing says."""
-    origin = _origin
+    origin = _installed["origin"]
     return None if origin is None or site is None else origin(site)
 
 
 def snapshot() -> dict[str, Any]:
-    return {
-        "observers": list(observers),
-        "auto_chooser": _auto_chooser,
-        "call_timer": _call_timer,
-        "overrides": dict(_overrides),
-        "origin": _origin,
-    }
+    return {"observers": list(observers), "overrides": dict(_overrides), **_installed}
 
 
 def restore(saved: dict[str, Any]) -> None:
-    global _auto_chooser, _call_timer, _origin
     with _lock:
         observers[:] = saved["observers"]
         _overrides.clear()
         _overrides.update(saved["overrides"])
-    _auto_chooser, _call_timer = saved["auto_chooser"], saved["call_timer"]
-    _origin = saved.get("origin")
+    _installed.update(auto_chooser=saved["auto_chooser"], call_timer=saved["call_timer"], origin=saved.get("origin"))
     _changed()

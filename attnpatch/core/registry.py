@@ -21,6 +21,7 @@ import torch
 from attnpatch.core import forksafe
 from attnpatch.core.call import BackendFn, CallSpec, ExtraFn
 from attnpatch.core.capabilities import ACCEPT_ALL, Capabilities, capability_reasons
+from attnpatch.core.listeners import Listeners
 from attnpatch.errors import UnknownBackendError, shown
 
 BUILTINS_PACKAGE = "attnpatch.backends"
@@ -198,17 +199,12 @@ def alias(name: str, target: str) -> None:
         _changed()
 
 
-_listeners: list[Callable[[], None]] = []
+_changed = Listeners()
 
 
 def on_change(listener: Callable[[], None]) -> None:
     """Call ``listener`` whenever the registry changes (the dispatcher clears its caches)."""
-    _listeners.append(listener)
-
-
-def _changed() -> None:
-    for listener in _listeners:
-        listener()
+    _changed.add(listener)
 
 
 def refresh() -> None:

@@ -15,9 +15,10 @@ op pair only computes the local attention. :func:`parallel_attention` calls that
   gradient of exact softmax attention at the forward's output, as flash-attn's backward kernel computes it; the
   backend itself is not asked for a backward (its forward runs inside the Function, where grad is off).
 
-Calls without ``parallel_config`` that ask for ``return_lse`` get ``(out, lse)`` from :func:`lse_attention`.
-diffusers' own backends disagree on that layout outside context parallelism (flash-attn: (batch, heads, seq), sage:
-(batch, seq, heads)); ours is always the one its context parallelism uses: (batch, seq_q, heads) float32.
+Calls without ``parallel_config`` that ask for ``return_lse`` get ``(out, lse)`` from ``sdpa.route(...,
+return_lse=True)``. diffusers' own backends disagree on that layout outside context parallelism (flash-attn:
+(batch, heads, seq), sage: (batch, seq, heads)); ours is always the one its context parallelism uses: (batch,
+seq_q, heads) float32.
 
 What we leave to diffusers (:func:`parallel_reason` says why; the patcher counts it as a passthrough): a causal or
 GQA call (diffusers' templated attention raises for both), a mask under ring attention (diffusers applies each
@@ -33,13 +34,16 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
 from attnpatch.core import masks
-from attnpatch.core.call import MASK_ADDITIVE
+from attnpatch.core.call import MASK_ADDITIVE, SdpaArgs
 from attnpatch.patchers import sdpa
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 DISPATCH_MODULE = "diffusers.models.attention_dispatch"
 TEMPLATED = "_templated_context_parallel_attention"
@@ -47,21 +51,13 @@ TEMPLATED = "_templated_context_parallel_attention"
 BACKWARD_BLOCK_ELEMENTS = 1 << 26
 
 
-def parallel_reason(
-    parallel_config: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: Any,
-    dropout_p: float,
-    is_causal: bool,
-    enable_gqa: bool,
-) -> str | None:
+def parallel_reason(parallel_config: Any, *args: Unpack[SdpaArgs]) -> str | None:
     """Why a context-parallel call goes to diffusers' own code (None: :func:`parallel_attention` serves it).
 
     query: (batch, seq_q_local, heads, head_dim); key/value: (batch, seq_kv_local, heads, head_dim), this rank's
     shard.
     """
+    query, key, value, attn_mask, dropout_p, is_causal, _, enable_gqa = args
     cp = getattr(parallel_config, "context_parallel_config", None)
     if cp is None:
         return "parallel_config without a context_parallel_config"
@@ -93,89 +89,51 @@ def parallel_reason(
     return None
 
 
-def parallel_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-    return_lse: bool,
-    parallel_config: Any,
-) -> Any:
+def parallel_attention(parallel_config: Any, return_lse: bool, *args: Unpack[SdpaArgs]) -> Any:
     """diffusers' templated ring / Ulysses attention with attnpatch's op pair; the call passed :func:`parallel_reason`.
 
     query/key/value: (batch, seq_local, heads, head_dim), this rank's shard -> out (batch, seq_q_local, heads,
     head_dim), and with ``return_lse`` (out, lse (batch, seq_q_local, heads) float32).
     """
+    query, key, value, attn_mask, *rest = args
     templated = _templated()
     assert templated is not None  # parallel_reason said so
     mask = None if attn_mask is None else _local_key_padding(attn_mask, query, key)
-    out = templated(
-        query,
-        key,
-        value,
-        mask,
-        dropout_p,
-        is_causal,
-        scale,
-        enable_gqa,
-        return_lse,
-        forward_op=forward_op,
-        backward_op=backward_op,
-        _parallel_config=parallel_config,
-    )
+    call = (query, key, value, mask, *rest, return_lse)
+    out = templated(*call, forward_op=forward_op, backward_op=backward_op, _parallel_config=parallel_config)
     if return_lse:
         out, lse = out[0], out[1]
         return out, lse
     return out
 
 
-def lse_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (batch, seq_q, heads, head_dim_v), lse (batch, seq_q, heads) float32) on the selected backend."""
-    return _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse=True)
-
-
 # --- the op pair diffusers' templated attention calls -------------------------------------------------------------
 
 
-def forward_op(
-    ctx: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    return_lse: bool = False,
-    _save_ctx: bool = True,
-    _parallel_config: Any = None,
-) -> Any:
+# What diffusers' templated attention passes its forward op after ``ctx``, positionally (0.42 attention_dispatch.py,
+# every call of ``forward_op``): the calling convention's eight (attnpatch/core/call.py) and return_lse.
+ForwardOpArgs: TypeAlias = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float, bool, float | None, bool, bool
+]
+
+
+def forward_op(ctx: Any, *args: Unpack[ForwardOpArgs], _save_ctx: bool = True, _parallel_config: Any = None) -> Any:
     """The local attention of one ring step or of Ulysses' gathered sequence, (batch, seq, heads, head_dim).
 
     Runs inside the Function's forward (grad off). ``ctx.needs_input_grad`` tells whether a backward will follow:
     then the output and log-sum-exp are saved for :func:`backward_op` (ring: only at its first step, whose q/k/v
     are the rank's own; its backward hands the merged out/lse in).
     """
+    call, return_lse = args[:8], args[8]
+    query, key, value, attn_mask, _, _, scale, _ = call
     needs_grad = _save_ctx and any(getattr(ctx, "needs_input_grad", (False,))[:3])
     lse = None
+    # sdpa.route suspends the F.sdpa redirect of a processor that calls both functions while we route (the native
+    # backend's own F.sdpa call must reach torch), without a thread-local write in a traced frame.
     if return_lse or needs_grad:
-        out, lse = _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse=True)
+        out, lse = sdpa.route(*call, return_lse=True)
     else:
-        out = _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        out = sdpa.route(*call)
     if _save_ctx:
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.attn_mask = attn_mask
@@ -237,24 +195,6 @@ def backward_op(
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------
-
-
-def _route(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-    return_lse: bool = False,
-) -> Any:
-    # sdpa.route suspends the F.sdpa redirect of a processor that calls both functions while we route (the native
-    # backend's own F.sdpa call must reach torch), without a thread-local write in a traced frame.
-    if not return_lse:
-        return sdpa.route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    return sdpa.route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse=True)
 
 
 def _local_key_padding(attn_mask: Any, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:

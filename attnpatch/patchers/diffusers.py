@@ -333,27 +333,16 @@ def _wrap_dispatch(original: Callable[..., torch.Tensor]) -> Callable[..., torch
             parallel_config = options.get("parallel_config")
             return_lse = bool(attention_kwargs and attention_kwargs.get("return_lse"))
             if reason is None and parallel_config is not None:
-                args = (query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-                reason = parallel.parallel_reason(parallel_config, *args)
+                call = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+                reason = parallel.parallel_reason(parallel_config, *call)
                 if reason is None:
-                    return parallel.parallel_attention(
-                        query,
-                        key,
-                        value,
-                        attn_mask,
-                        dropout_p,
-                        is_causal,
-                        scale,
-                        enable_gqa,
-                        return_lse,
-                        parallel_config,
-                    )
+                    return parallel.parallel_attention(parallel_config, return_lse, *call)
             mask = attn_mask
             if reason is None and attn_mask is not None:
                 mask, reason = _dispatch_mask(attn_mask, query, key)
             if reason is None:
                 if return_lse:
-                    return parallel.lse_attention(query, key, value, mask, dropout_p, is_causal, scale, enable_gqa)
+                    return sdpa.route(query, key, value, mask, dropout_p, is_causal, scale, enable_gqa, return_lse=True)
                 return sdpa.route(query, key, value, mask, dropout_p, is_causal, scale, enable_gqa)
             if not torch.compiler.is_compiling():
                 dispatch.note_passthrough(selection_module.current_site(), reason)

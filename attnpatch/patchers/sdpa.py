@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from attnpatch.core import dispatch, forksafe, selection
+from attnpatch.core.call import SdpaArgs
 from attnpatch.core.selection import Chain
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class _Local(threading.local):
@@ -76,80 +80,31 @@ def leave(saved: int) -> None:
     _local.depth = saved
 
 
-def route(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-    *,
-    module_chain: Chain | None = None,
-    site: str | None = None,
-    **extra: Any,
-) -> Any:
+def route(*args: Unpack[SdpaArgs], module_chain: Chain | None = None, site: str | None = None, **extra: Any) -> Any:
     """:func:`attnpatch.core.dispatch.route` with the redirect suspended, (batch, seq, heads, head_dim) tensors.
 
     Every patcher routes through here (or :func:`route_bhsd`): the ``native`` backend calls
     F.scaled_dot_product_attention itself, and that call must reach torch, not come back to the dispatcher (also
     from inside a redirect scope, e.g. a transformers layer that calls both its attention function and F.sdpa).
-    ``module_chain`` and ``site``: the calling layer's selection and name, when the patcher has them (default: what
-    the patcher pushed). ``extra``: the dispatcher's later arguments (softcap, window, sinks, return_lse), passed
-    on only when given.
+    ``args``: the calling convention's eight (attnpatch/core/call.py). ``module_chain`` and ``site``: the calling
+    layer's selection and name, when the patcher has them (default: what the patcher pushed). ``extra``: the
+    dispatcher's later arguments (softcap, window, sinks, return_lse), passed on only when given.
     """
-    return _suspended(
-        dispatch.route, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, module_chain, site, extra
-    )
+    return _suspended(dispatch.route, args, module_chain, site, extra)
 
 
 def route_bhsd(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-    *,
-    module_chain: Chain | None = None,
-    site: str | None = None,
-    **extra: Any,
+    *args: Unpack[SdpaArgs], module_chain: Chain | None = None, site: str | None = None, **extra: Any
 ) -> Any:
     """:func:`route` for SDPA's layout, query (batch, heads, seq_q, head_dim), key/value (batch, heads_kv, seq_kv,
     head_dim) -> out (batch, heads, seq_q, head_dim_v): :func:`attnpatch.core.dispatch.route_bhsd`."""
-    return _suspended(
-        dispatch.route_bhsd,
-        query,
-        key,
-        value,
-        attn_mask,
-        dropout_p,
-        is_causal,
-        scale,
-        enable_gqa,
-        module_chain,
-        site,
-        extra,
-    )
+    return _suspended(dispatch.route_bhsd, args, module_chain, site, extra)
 
 
 def _suspended(
-    router: Callable[..., Any],
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-    module_chain: Chain | None,
-    site: str | None,
-    extra: dict[str, Any],
+    router: Callable[..., Any], args: SdpaArgs, module_chain: Chain | None, site: str | None, extra: dict[str, Any]
 ) -> Any:
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = args
     local = _local
     saved = local.depth
     if saved:  # written only inside a redirect scope: a write in a traced frame would fail dynamo's own guard on
@@ -177,7 +132,9 @@ def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
     """Stands in for F.scaled_dot_product_attention while installed; see the module docstring."""
     if _local.depth == 0 or _original is None:
         return (_original or torch._C._nn.scaled_dot_product_attention)(*args, **kwargs)
-    return _redirect(*args, **kwargs)
+    out = _redirect(*args, **kwargs)
+    # None: a call we cannot express in the dispatcher's terms, counted; it goes to the original SDPA unchanged.
+    return _original(*args, **kwargs) if out is None else out
 
 
 scaled_dot_product_attention.__doc__ = F.scaled_dot_product_attention.__doc__
@@ -192,9 +149,9 @@ def _redirect(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
-) -> torch.Tensor:
-    # q: (batch, heads, seq_q, head_dim); k, v: (batch, heads_kv, seq_kv, head_dim). A call we cannot express in
-    # the dispatcher's terms goes to the original SDPA, unchanged, and is counted.
+) -> torch.Tensor | None:
+    # q: (batch, heads, seq_q, head_dim); k, v: (batch, heads_kv, seq_kv, head_dim). None for a call to leave to
+    # the original SDPA, counted as a passthrough.
     mask = None
     reason = passthrough_reason(query, key, value, enable_gqa)
     if reason is None and attn_mask is not None:
@@ -202,17 +159,7 @@ def _redirect(
     if reason is not None:
         if not torch.compiler.is_compiling():
             dispatch.note_passthrough(selection.current_site(), reason)
-        assert _original is not None
-        return _original(
-            query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=enable_gqa,
-        )
+        return None
     out: torch.Tensor = route_bhsd(query, key, value, mask, dropout_p, is_causal, scale, enable_gqa)
     return out
 

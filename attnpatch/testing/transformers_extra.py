@@ -26,36 +26,38 @@ WINDOW = 4
 LAYERS = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
 
 
-def _classes(config: str, model: str, since: str) -> tuple[Any, Any]:
+# Gemma 3 and gpt-oss alternate: layer 0 sliding (window 4), layer 1 full.
+ALTERNATING: dict[str, Any] = {"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"]}
+
+
+def _build(config: str, model: str, since: str, attn_implementation: str, **settings: Any) -> torch.nn.Module:
+    # transformers.<model>(transformers.<config>(**DECODER, **settings)), seeded, in eval mode.
     try:
-        return getattr(transformers, config), getattr(transformers, model)
+        config_cls, model_cls = getattr(transformers, config), getattr(transformers, model)
     except AttributeError as exc:
         raise ImportError(f"transformers {transformers.__version__} has no {model} (added in {since})") from exc
-
-
-def _build(model_cls: Any, config: Any) -> torch.nn.Module:
     torch.manual_seed(0)
-    model: Any = model_cls(config).eval()
-    if hasattr(model.model, "layers") and hasattr(model.model.layers[0].self_attn, "sinks"):
+    built: Any = model_cls(config_cls(**DECODER, **settings, attn_implementation=attn_implementation)).eval()
+    if hasattr(built.model, "layers") and hasattr(built.model.layers[0].self_attn, "sinks"):
         with torch.no_grad():  # gpt-oss allocates its sinks with torch.empty: give them values that matter
-            for layer in model.model.layers:
+            for layer in built.model.layers:
                 layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, layer.self_attn.sinks.numel()))
-    return model
+    return built
 
 
 def gemma2(attn_implementation: str = "eager") -> torch.nn.Module:
     """Gemma 2: attention logits soft-capped at 10, layer 0 sliding (window 4), layer 1 full. Its query and key
     projections are scaled up 8x: tiny random weights give logits so small that capping them changes nothing."""
-    config_cls, model_cls = _classes("Gemma2Config", "Gemma2ForCausalLM", "4.42")
-    config = config_cls(
-        **DECODER,
+    model: Any = _build(
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        "4.42",
+        attn_implementation,
         attn_logit_softcapping=10.0,
         final_logit_softcapping=None,
         sliding_window=WINDOW,
         query_pre_attn_scalar=16,
-        attn_implementation=attn_implementation,
     )
-    model: Any = _build(model_cls, config)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8.0)
@@ -65,53 +67,29 @@ def gemma2(attn_implementation: str = "eager") -> torch.nn.Module:
 
 def gemma3(attn_implementation: str = "sdpa") -> torch.nn.Module:
     """Gemma 3 text: layer 0 sliding (window 4), layer 1 full."""
-    config_cls, model_cls = _classes("Gemma3TextConfig", "Gemma3ForCausalLM", "4.50")
-    config = config_cls(
-        **DECODER,
-        sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention"],
-        query_pre_attn_scalar=16,
-        attn_implementation=attn_implementation,
-    )
-    return _build(model_cls, config)
+    settings = dict(ALTERNATING, query_pre_attn_scalar=16)
+    return _build("Gemma3TextConfig", "Gemma3ForCausalLM", "4.50", attn_implementation, **settings)
 
 
 def gpt_oss(attn_implementation: str = "eager") -> torch.nn.Module:
     """gpt-oss: attention sinks (s_aux), layer 0 sliding (window 4), layer 1 full, 4 experts."""
-    config_cls, model_cls = _classes("GptOssConfig", "GptOssForCausalLM", "4.55")
-    config = config_cls(
-        **DECODER,
-        sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention"],
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        attn_implementation=attn_implementation,
-    )
-    return _build(model_cls, config)
+    experts = {"num_local_experts": 4, "num_experts_per_tok": 2}
+    return _build("GptOssConfig", "GptOssForCausalLM", "4.55", attn_implementation, **ALTERNATING, **experts)
 
 
 def mistral(attn_implementation: str = "sdpa") -> torch.nn.Module:
     """Mistral with a window of 4 on every layer."""
-    config_cls, model_cls = _classes("MistralConfig", "MistralForCausalLM", "4.34")
-    return _build(model_cls, config_cls(**DECODER, sliding_window=WINDOW, attn_implementation=attn_implementation))
+    return _build("MistralConfig", "MistralForCausalLM", "4.34", attn_implementation, sliding_window=WINDOW)
 
 
 def qwen2(attn_implementation: str = "sdpa") -> torch.nn.Module:
     """Qwen2 with sliding windows of 4 from layer 1 on (max_window_layers=1)."""
-    config_cls, model_cls = _classes("Qwen2Config", "Qwen2ForCausalLM", "4.37")
-    config = config_cls(
-        **DECODER,
-        use_sliding_window=True,
-        sliding_window=WINDOW,
-        max_window_layers=1,
-        attn_implementation=attn_implementation,
-    )
-    return _build(model_cls, config)
+    window = {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}
+    return _build("Qwen2Config", "Qwen2ForCausalLM", "4.37", attn_implementation, **window)
 
 
 def llama(attn_implementation: str = "sdpa") -> torch.nn.Module:
-    config_cls, model_cls = _classes("LlamaConfig", "LlamaForCausalLM", "4.28")
-    return _build(model_cls, config_cls(**DECODER, attn_implementation=attn_implementation))
+    return _build("LlamaConfig", "LlamaForCausalLM", "4.28", attn_implementation)
 
 
 FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {

@@ -280,7 +280,7 @@ def test_calls_left_to_diffusers_and_why() -> None:
     def reason(config: Any, key: Any = q, mask: Any = None, **kw: Any) -> str | None:
         args = {"dropout_p": 0.0, "is_causal": False, "enable_gqa": False, **kw}
         return parallel.parallel_reason(
-            config, q, key, key, mask, args["dropout_p"], args["is_causal"], args["enable_gqa"]
+            config, q, key, key, mask, args["dropout_p"], args["is_causal"], None, args["enable_gqa"]
         )
 
     ring, ulysses = _config(ring=2), _config(ulysses=2)
@@ -300,7 +300,9 @@ def test_calls_left_to_diffusers_and_why() -> None:
         assert "dropout under grad" in reason(ulysses, dropout_p=0.1)
         q.requires_grad_(False)
         value_only = torch.randn(2, 6, 2, 8, requires_grad=True)  # dV needs the forward's dropout too
-        assert "dropout under grad" in parallel.parallel_reason(ulysses, q, q, value_only, None, 0.1, False, False)
+        assert "dropout under grad" in parallel.parallel_reason(
+            ulysses, q, q, value_only, None, 0.1, False, None, False
+        )
     assert reason(ulysses, dropout_p=0.1) is None  # without grad the forward draws dropout like any call
 
 
@@ -353,7 +355,7 @@ def test_a_diffusers_without_the_templated_function_passes_through(monkeypatch) 
     try:
         q = torch.randn(1, 6, 2, 8)
         assert "has no _templated_context_parallel_attention" in parallel.parallel_reason(
-            _config(ulysses=2), q, q, q, None, 0.0, False, False
+            _config(ulysses=2), q, q, q, None, 0.0, False, None, False
         )
     finally:
         parallel._templated_of.cache_clear()

@@ -20,7 +20,6 @@ no GPU: ``operator_reasons`` asks with shape-only tensors.
 
 from __future__ import annotations
 
-import inspect
 import subprocess
 import sys
 import textwrap
@@ -291,10 +290,7 @@ def test_reasons_are_asked_about_the_layout_the_kernel_passes(
     monkeypatch.setattr(xformers.ops, "memory_efficient_attention", memory_efficient_attention)
     query = torch.zeros(2, 5, 8, 64, dtype=torch.float16)
     key = value = torch.zeros(2, 13, heads_kv, 64, dtype=torch.float16)
-    args = [query, key, value, MASKS[mask], 0.0, causal, None]
-    if "enable_gqa" in inspect.signature(xformers_kernel).parameters:
-        args.append(heads_kv != 8)
-    xformers_kernel(*args)
+    xformers_kernel(query, key, value, MASKS[mask], 0.0, causal, None, heads_kv != 8)
 
     asked: list[fmha.Inputs] = []
     real_dispatch_fw = fmha.dispatch._dispatch_fw
