@@ -20,7 +20,8 @@ MAX_FALLBACK_KINDS = 1024
 MAX_WARNINGS_PER_BACKEND = 20
 OTHER_REASONS = "(other reasons: more distinct reasons than the report itemises)"
 
-# FallbackKey -> calls. The router adds to it directly for calls of a kind it has decided before.
+# FallbackKey -> calls. Calls of a kind the router decided before are counted in their Tally and added here when
+# the counts are read (fold) or the decision is dropped (release).
 fallbacks: Counter[FallbackKey] = Counter()
 # (site, reason) -> calls that a patcher passed to the library's own code untouched.
 _passthroughs: Counter[tuple[str | None, str]] = Counter()
@@ -62,6 +63,44 @@ def note_fallback(spec: str, chosen: str, refused: dict[str, list[str]]) -> tupl
     return tuple(counted)
 
 
+class Tally:
+    """Calls that fell back exactly as one counted by :func:`note_fallback` did (the same ``keys``): the router adds
+    1 to ``calls`` per call of a decided kind, one attribute write instead of one counter update per key."""
+
+    __slots__ = ("calls", "keys")
+
+    def __init__(self, keys: tuple[FallbackKey, ...]) -> None:
+        self.keys = keys
+        self.calls = 0
+
+
+_live: set[Tally] = set()  # tallies the router holds: read by fallback_counts, folded on release
+
+
+def tally(keys: tuple[FallbackKey, ...]) -> Tally | None:
+    """A new :class:`Tally` for ``keys`` (None when nothing fell back: nothing to count), live until released."""
+    if not keys:
+        return None
+    counter = Tally(keys)
+    _live.add(counter)
+    return counter
+
+
+def _fold(counter: Tally) -> None:
+    calls, counter.calls = counter.calls, 0
+    if calls:
+        for key in counter.keys:
+            fallbacks[key] += calls
+
+
+def release(counters: list[Tally | None]) -> None:
+    """Add the calls of ``counters`` to the counts and forget them (the router dropped those decisions)."""
+    for counter in counters:
+        if counter is not None:
+            _fold(counter)
+            _live.discard(counter)
+
+
 def _user_stacklevel() -> int:
     # Point a warning at the first frame outside attnpatch and wrapt (the model code that made the call), not at
     # the dispatcher or a patcher's wrapper.
@@ -78,12 +117,16 @@ def _user_stacklevel() -> int:
 
 def fallback_counts() -> dict[FallbackKey, int]:
     """(requested chain, refusing backend, serving backend, reason) -> calls, since start or the last reset."""
+    for counter in list(_live):
+        _fold(counter)
     return dict(fallbacks)
 
 
 def reset_fallbacks() -> None:
     """Forget the counts and which warnings were shown."""
     fallbacks.clear()
+    for counter in list(_live):
+        counter.calls = 0
     _passthroughs.clear()
     _warned.clear()
     _warnings_per_backend.clear()

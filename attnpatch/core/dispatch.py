@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from attnpatch.core import accounting, hooks, masks, registry, selection
+from attnpatch.core import accounting, decide, hooks, masks, registry, selection
 
 # Re-exported: the report, the patchers and users' tests read the counts from the router.
 from attnpatch.core.accounting import (  # noqa: F401
@@ -33,6 +32,7 @@ from attnpatch.core.accounting import (  # noqa: F401
 )
 from attnpatch.core.call import MASK_NONE, CallSpec, ExtraArgs, check_extras, extras_signature
 from attnpatch.core.checks import run_checks
+from attnpatch.core.decide import auto_candidates  # noqa: F401 (public: tools and tests rank with it)
 from attnpatch.core.registry import Backend
 from attnpatch.core.selection import AUTO, Chain
 from attnpatch.errors import CheckFailed, UnsupportedCall
@@ -47,15 +47,19 @@ _default: Chain | None = None  # None until the settings are loaded (the first c
 _plain = True  # no checks and no observers: decisions may be cached
 _fast = True  # _plain and no per-site override: a chain's first backend may be called with no per-call check
 _contexts = 0  # attention_backend blocks open in eager code; none: only the thread-local (compiled blocks) is read
+# The default chain's fast backend function while _fast and no block is open in eager code, else None: a plain call
+# with no module or compiled-block selection calls it after two reads of the thread-local scope.
+_default_fn: Any = None
 _strict = False
 
-_fallbacks = accounting.fallbacks  # the Counter itself (cleared in place): one global read per counted call
-# (chain, site, shapes, dtype, device, mask kind, causal, dropout, scale given, grad) -> (backend, fallback keys)
-_decisions: dict[tuple[Any, ...], tuple[Backend, tuple[FallbackKey, ...]]] = {}
-_reason_cache: dict[tuple[str, CallSpec], list[str]] = {}
-# Bounds on what grows with the number of distinct call shapes (a decode loop, a dynamic-resolution pipeline):
-# reasons per call kind are recomputed after the cache is dropped (fallback counts: attnpatch.core.accounting).
-MAX_REASON_CACHE = 4096
+# A decision: the backend serving a kind of call and the Tally counting its fallbacks (None: nothing fell back).
+Decision = tuple[Backend, accounting.Tally | None]
+# (chain, site, shapes, dtype, device, mask kind, causal, dropout, scale given, grad) -> decision
+_decisions: dict[tuple[Any, ...], Decision] = {}
+# (chain, device) -> the decision for every plain call there (decide.lead), or False where it depends on the call:
+# plain calls of such chains skip the decision key (shapes, dtype, grad).
+_leads: dict[tuple[Chain, torch.device], Decision | bool] = {}
+# A bound on what grows with the number of distinct call shapes (a decode loop, a dynamic-resolution pipeline).
 MAX_DECISIONS = 1024
 # Selections passed per call (``backend="auto"``), resolved once: the dispatcher's own copy, dropped on any change.
 _resolved: dict[str | Chain, Chain] = {}
@@ -67,21 +71,30 @@ _NO_EXTRA: dict[str, Any] = {}  # a call without later arguments (never written 
 
 
 def _sync() -> None:
-    global _default, _plain, _fast, _strict, _contexts
+    global _default, _plain, _fast, _strict, _contexts, _default_fn
     # Reading a setting loads them all (from the environment where not set explicitly).
     _strict = selection.strict()
     _plain = not selection.checks() and not hooks.observers
     _fast = _plain and not hooks.has_site_overrides()
-    _decisions.clear()  # strict mode, checks, the auto chooser: decisions may differ now
+    _forget_decisions()  # strict mode, checks, the auto chooser: decisions may differ now
     _resolved.clear()
     _default = selection.loaded_default()
     _contexts = selection.open_contexts()
+    lead = _default.fast if _default is not None and _fast and not _contexts else None
+    _default_fn = lead.fn if lead is not None else None
 
 
 def _registry_changed() -> None:
-    _reason_cache.clear()
-    _decisions.clear()
+    decide.forget()
+    _forget_decisions()
     _resolved.clear()
+
+
+def _forget_decisions() -> None:
+    # Their tallies' calls join the fallback counts first.
+    accounting.release([d[1] for d in _decisions.values()] + [d[1] for d in _leads.values() if d])  # type: ignore[index]
+    _decisions.clear()
+    _leads.clear()
 
 
 registry.on_change(_registry_changed)
@@ -129,7 +142,13 @@ def dispatch_attention(
     # no per-site override. A selection whose first backend serves every call calls it here (a mask is normalised
     # first); any other (auto, a chain, a kernel with rules) goes straight to the decision cache of _route_slow.
     # The later arguments arrive in a dict (one truth test) rather than as keyword-only parameters, whose defaults
-    # cost a dictionary lookup each on every call.
+    # cost a dictionary lookup each on every call. The plainest call (no mask, no selection but the default) first.
+    if attn_mask is None and backend is None and not extra:
+        fn = _default_fn
+        if fn is not None:
+            local = _scope
+            if local.module is None and local.context is None:
+                return fn(query, key, value, None, dropout_p, is_causal, scale, enable_gqa)
     if not extra and _fast:
         if backend is None:
             local = _scope
@@ -279,32 +298,35 @@ def _route_slow(
     extra: dict[str, Any],
 ) -> Any:
     # A call of a kind seen before, with nobody observing: the decision made then (which backend serves it, which
-    # refused and why, for the counts), without a CallSpec, reasons or auto's ranking. A tuple of the facts the
-    # decision depends on; anything else (a registry change, device emulation, strict mode, another auto
-    # chooser) clears the cache.
-    site = site or _scope.site
+    # refused and why, for the counts), without a CallSpec, reasons or auto's ranking. Plain calls of a chain whose
+    # backend depends only on the device (a fallback past backends that run elsewhere, auto where one backend ranks
+    # first for everything) look up (chain, device); others a tuple of the facts the decision depends on. Anything
+    # else (a registry change, device emulation, strict mode, another auto chooser) clears both caches.
     decision_key = None
     if _plain and not _is_compiling():  # no observers, no checks (they see every call)
-        needs_grad = _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-        if extra and "sinks" in extra and extra["sinks"].requires_grad:  # learnable sinks need a backward too
-            needs_grad = torch.is_grad_enabled()
-        decision_key = (
-            chain,
-            site,
-            query.shape,
-            key.shape,
-            value.shape,  # (the head dim of values decides; the whole shape is one attribute read cheaper)
-            query.dtype,
-            query.device,
-            kind,
-            is_causal,
-            dropout_p > 0.0,
-            scale is None,
-            needs_grad,
-            tuple(extra) if extra else (),  # which later arguments the call has (their values decide nothing)
-        )
-        decided = _decisions.get(decision_key)
-        if decided is not None:
+        decided: Any = _leads.get((chain, query.device)) if _fast and not extra else None
+        if not decided:
+            site = site or _scope.site
+            needs_grad = _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+            if extra and "sinks" in extra and extra["sinks"].requires_grad:  # learnable sinks need a backward too
+                needs_grad = torch.is_grad_enabled()
+            decision_key = (
+                chain,
+                site,
+                query.shape,
+                key.shape,
+                value.shape,  # (the head dim of values decides; the whole shape is one attribute read cheaper)
+                query.dtype,
+                query.device,
+                kind,
+                is_causal,
+                dropout_p > 0.0,
+                scale is None,
+                needs_grad,
+                tuple(extra) if extra else (),  # which later arguments the call has (their values decide nothing)
+            )
+            decided = _decisions.get(decision_key)
+        if decided:
             decided_backend, counted = decided
             try:
                 # Not fn(..., **extra): a star call costs ~50 ns, also when extra is empty.
@@ -313,9 +335,10 @@ def _route_slow(
             except Exception:
                 pass
             else:
-                for counted_key in counted:
-                    _fallbacks[counted_key] += 1
+                if counted is not None:
+                    counted.calls += 1
                 return out
+    site = site or _scope.site
     call = CallSpec.of(query, key, value, kind, dropout_p, is_causal, scale, **extra)
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     requested = chain
@@ -326,12 +349,12 @@ def _route_slow(
     observers = hooks.observers
     timer = hooks.call_timer() if observers and not call.compiling else None
     failure: Exception | None = None
-    for member in _candidates(chain):
-        backend = _pick_auto(call, args, extra) if member == AUTO else member
+    for member in decide.candidates(chain, _strict):
+        backend = decide.pick_auto(call, args, extra) if member == AUTO else member
         if isinstance(backend, str):  # auto found nothing; its reasons are already recorded below
             refused[AUTO] = ["no registered backend can serve this call"]
             continue
-        reasons = _reasons(backend, call)
+        reasons = decide.reasons(backend, call)
         if reasons:
             refused[backend.name] = reasons
             failure = None
@@ -355,12 +378,25 @@ def _route_slow(
             check_output(out[0] if call.return_lse else out, query, value, backend.name)
         if decision_key is not None:  # (an override is part of it: the site is in the key, a change clears all)
             if len(_decisions) >= MAX_DECISIONS:
-                _decisions.clear()
-            _decisions[decision_key] = (backend, counted)
+                _forget_decisions()
+            decision = (backend, accounting.tally(counted))
+            _decisions[decision_key] = decision
+            if _fast and not extra and (chain, query.device) not in _leads:
+                _leads[(chain, query.device)] = _lead(chain, call, decision, refused)
         return _observed(out, seconds, backend, requested, refused, site, args, call, extra)
     if failure is not None:
         raise failure  # the last candidate raised too (native on bad input, say): its own error, as unpatched
-    raise UnsupportedCall(_unsupported_message(chain, call, refused), _all_reasons(chain, call, refused)) from failure
+    message = decide.unsupported_message(chain, call, refused, _strict)
+    raise UnsupportedCall(message, decide.all_reasons(chain, call, refused)) from failure
+
+
+def _lead(chain: Chain, call: CallSpec, decision: Decision, refused: dict[str, list[str]]) -> Decision | bool:
+    # Kept only as this call confirmed it (the same backend served, after the same refusals): it shares the
+    # decision's tally, so every later call counts the same fallbacks as this one.
+    found = decide.lead(chain, call, _strict)
+    if found is None or found[0] is not decision[0] or found[1] != refused:
+        return False
+    return decision
 
 
 def _observed(
@@ -419,73 +455,6 @@ def check_output(out: object, query: torch.Tensor, value: torch.Tensor, backend:
         raise CheckFailed(
             f"backend {backend!r} returned {out.dtype} on {out.device}, expected {query.dtype} on {query.device}"
         )
-
-
-def _candidates(chain: Chain) -> Iterator[Backend | str]:
-    yield from chain.members
-    if chain.implicit_native and not _strict:
-        yield registry.get_backend("native")
-
-
-def _reasons(backend: Backend, call: CallSpec) -> list[str]:
-    if call.compiling:  # a traced write to a global cache cannot be replayed; tracing happens once anyway
-        return backend.call_reasons(call)
-    cache_key = (backend.name, call)
-    reasons = _reason_cache.get(cache_key)
-    if reasons is None:
-        reasons = backend.call_reasons(call)
-        if len(_reason_cache) >= MAX_REASON_CACHE:
-            _reason_cache.clear()
-        _reason_cache[cache_key] = reasons
-    return reasons
-
-
-def auto_candidates(call: CallSpec) -> list[Backend]:
-    """Backends `auto` may pick for ``call``, best first: available, serving it, not lossy unless allowed."""
-    allow_lossy = selection.allow_lossy()
-    ranked = []
-    for backend in registry.list_backends():
-        if backend.caps.lossy and not allow_lossy:
-            continue
-        if backend.builtin and backend.caps.priority_for(call.device_type) <= 0:
-            continue  # reference and placeholder backends are never picked automatically
-        if not _reasons(backend, call):
-            ranked.append(backend)
-    ranked.sort(key=lambda b: -b.caps.priority_for(call.device_type))
-    return ranked
-
-
-def _pick_auto(call: CallSpec, args: tuple[Any, ...], extra: dict[str, Any]) -> Backend | str:
-    candidates = auto_candidates(call)
-    if not candidates:
-        return AUTO
-    chooser = hooks.auto_chooser()
-    # The chooser times candidates on ``args``, which lack the later arguments: it would time another call.
-    if chooser is not None and len(candidates) > 1 and not call.compiling and not extra:
-        return chooser(call, candidates, args)
-    return candidates[0]
-
-
-def _all_reasons(chain: Chain, call: CallSpec, refused: dict[str, list[str]]) -> dict[str, list[str]]:
-    everything = dict(refused)
-    for member in chain.members:
-        if isinstance(member, Backend) and member.name not in everything:
-            everything[member.name] = _reasons(member, call)
-    return everything
-
-
-def _unsupported_message(chain: Chain, call: CallSpec, refused: dict[str, list[str]]) -> str:
-    everything = _all_reasons(chain, call, refused)
-    parts = [
-        f"{name}: {'; '.join(r) if r else 'could serve it (not tried: strict mode allows no fallback)'}"
-        for name, r in everything.items()
-    ]
-    mode = "strict mode: no fallback" if _strict else "no backend left"
-    return (
-        f"no backend of {chain.spec!r} can serve this attention call ({mode}; {call.describe()}). "
-        + " | ".join(parts)
-        + ". Fix: choose another backend (python -m attnpatch list), or unset ATTNPATCH_STRICT to fall back."
-    )
 
 
 # help() and inspect show the later arguments by name (they arrive in **extra: see dispatch_attention).
