@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from attnpatch.core import dispatch, registry
+from attnpatch.core import registry
 from attnpatch.patchers._base import code_names
 
 # Keyword arguments a call may carry that the router does not hand to the dispatcher: a call that carries one
@@ -177,27 +177,46 @@ def describe(fn: Callable[..., Any]) -> str:
 
 
 def gqa_as_transformers(
-    module_chain: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+    chain: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     """For ``native``: lay a GQA call out exactly as this transformers' sdpa function does, so the output is
     bitwise the unpatched one (query (B, H, Sq, D), key/value (B, Hkv, Skv, D)). Its choice: ``enable_gqa`` (no mask,
     head dims <= 256), for one query token the query heads packed onto the key/value heads, else ``repeat_kv``.
-    Other backends get the un-repeated heads (their kernels do GQA themselves); returns (..., packed)."""
-    native = registry.get_backend("native")
-    if dispatch.effective_chain(module_chain=module_chain).fast is not native:
+    Other backends get the un-repeated heads (their kernels do GQA themselves); returns (..., packed).
+    ``chain``: the selection the call is routed with (:func:`attnpatch.core.dispatch.effective_chain`)."""
+    fast = chain.fast
+    if fast is None or fast is not _builtin_native():
         return query, key, value, mask, 0
-    functions = sys.modules.get("transformers.integrations.sdpa_attention")
-    use_gqa = getattr(functions, "use_gqa_in_sdpa", None)
+    use_gqa, takes_value, pack, repeat = _sdpa_helpers(sys.modules.get("transformers.integrations.sdpa_attention"))
     n_rep = query.shape[1] // key.shape[1]
-    if use_gqa is not None and (use_gqa(mask, key, value) if _takes_value(use_gqa) else use_gqa(mask, key)):
+    if use_gqa is not None and (use_gqa(mask, key, value) if takes_value else use_gqa(mask, key)):
         return query, key, value, mask, 0
-    pack = getattr(functions, "pack_gqa", None)
     if pack is not None and query.shape[2] == 1 and not torch.compiler.is_compiling():
         return pack(query, n_rep), key, value, pack(mask, n_rep), 1
-    repeat = getattr(functions, "repeat_kv", None)
     if repeat is None:
         return query, key, value, mask, 0
     return query, repeat(key, n_rep), repeat(value, n_rep), mask, 0
+
+
+@functools.cache
+def _sdpa_helpers(functions: Any) -> tuple[Any, bool, Any, Any]:
+    # transformers' sdpa module (None before it is imported): use_gqa_in_sdpa and whether it takes the value (5+),
+    # pack_gqa (recent 5.x) and repeat_kv, looked up once per module object instead of on every call.
+    use_gqa = getattr(functions, "use_gqa_in_sdpa", None)
+    takes_value = use_gqa is not None and _takes_value(use_gqa)
+    return use_gqa, takes_value, getattr(functions, "pack_gqa", None), getattr(functions, "repeat_kv", None)
+
+
+_native: list[Any] = []  # the registered native backend, found once (dropped when the registry changes)
+
+
+def _builtin_native() -> Any:
+    if not _native:
+        _native.append(registry.get_backend("native"))
+    return _native[0]
+
+
+registry.on_change(_native.clear)
 
 
 @functools.cache

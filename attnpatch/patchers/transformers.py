@@ -104,10 +104,11 @@ def _route(
     """
     dropout = kwargs.get("dropout", 0.0)
     scaling = kwargs.get("scaling")
-    q_len = query.shape[2]
+    query_shape, key_shape = query.shape, key.shape  # read once: each read of a tensor's shape costs ~0.1 us
+    q_len, kv_len = query_shape[2], key_shape[2]
     mask = attention_mask
-    if mask is not None and mask.shape[-1] > key.shape[2]:
-        mask = mask[..., : key.shape[2]]  # static caches hand over a mask as long as the whole cache
+    if mask is not None and mask.shape[-1] > kv_len:
+        mask = mask[..., :kv_len]  # static caches hand over a mask as long as the whole cache
     if eager:
         # Eager code applies no causal flag (the mask carries causality) and drops out only in training.
         causal = False
@@ -119,29 +120,33 @@ def _route(
             is_causal = getattr(module, "is_causal", True) if _layer_decides_causal else True
         # As in sdpa_attention_forward: the kernel flag only for a causal layer, with no mask, past decoding.
         causal = q_len > 1 and mask is None and is_causal
-        if causal and key.shape[2] > q_len:
+        if causal and kv_len > q_len:
             # A prefill into an empty static cache: the keys past q_len are never attended (top-left causal);
             # cropping them gives the square call that flash kernels take, as transformers does.
             key = key[:, :, :q_len]
             value = value[:, :, :q_len]
+            kv_len = q_len
     if position_bias is not None:
         # Folded into an additive mask, as each original does: eager adds it to the scores, sdpa (5.15+) builds
         # the mask with create_position_bias_mask (and so do we, with its own function).
-        if causal and position_bias.shape[-1] > key.shape[2]:
-            position_bias = position_bias[..., : key.shape[2]]
+        if causal and position_bias.shape[-1] > kv_len:
+            position_bias = position_bias[..., :kv_len]
         if eager:
             mask = position_bias if mask is None else position_bias + mask
         else:
             mask = _create_position_bias_mask(position_bias, mask, causal, query, key)
             causal = False
-    module_chain = chain_of(selection)
+    # The selection this call is routed with, found once: the layout below depends on it, and the dispatcher
+    # takes it as the module's (the same precedence already applied).
+    chain = dispatch.effective_chain(module_chain=chain_of(selection))
     packed = 0
-    if not eager and key.shape[1] != query.shape[1]:
-        query, key, value, mask, packed = calls.gqa_as_transformers(module_chain, query, key, value, mask)
+    gqa = key_shape[1] != query_shape[1]
+    if gqa and not eager:
+        query, key, value, mask, packed = calls.gqa_as_transformers(chain, query, key, value, mask)
+        gqa = key.shape[1] != query.shape[1]
     # In the layout transformers holds (batch, heads, seq, head_dim): native takes it as it is.
-    gqa = key.shape[1] != query.shape[1]
     out = sdpa.route_bhsd(
-        query, key, value, mask, dropout, bool(causal), scaling, gqa, module_chain=module_chain, site=site, **extra
+        query, key, value, mask, dropout, bool(causal), scaling, gqa, module_chain=chain, site=site, **extra
     )
     if packed:  # (B, Hkv, n_rep, Dv) of one query token -> (B, H, 1, Dv), as sdpa_attention_forward reshapes it
         out = out.reshape(out.shape[0], -1, 1, out.shape[-1])
