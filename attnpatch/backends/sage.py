@@ -252,20 +252,22 @@ def sage_check(
 
 def _define(
     name: str,
-    kernel: BackendFn,
+    function: str,
     caps: Capabilities,
-    check: Callable[[CallSpec], list[str]],
     min_version: str,
     description: str,
     aliases: tuple[str, ...] = (),
+    per_warp_on_sm12: bool = False,
+    **check: Any,
 ) -> None:
+    # One pip SageAttention entry point: its kernel and its per-call check (``check``: sage_check's options).
     define(
         name,
-        kernel,
+        sage_kernel(function, per_warp_on_sm12=per_warp_on_sm12),
         family="sage",
         caps=caps,
         requires=_probe.requires("sageattention", "sageattention", min_version, upgrade=BUILD_2X),
-        check=check,
+        check=sage_check(function, **check),
         description=description,
         aliases=aliases,
         kernel=True,
@@ -274,53 +276,55 @@ def _define(
 
 _define(
     "sage",
-    sage_kernel("sageattn"),
+    "sageattn",
     sage_caps(priority=70),
-    sage_check("sageattn", archs=SAGEATTN_ARCHS),
     "1.0.0",
     "sageattention.sageattn: picks the kernel for this GPU; INT8, lossy, no mask/dropout/backward",
     aliases=("sage_attn", "sageattn", "sage_attention", "sageattention"),
+    archs=SAGEATTN_ARCHS,
 )
 _define(
     "sage_varlen",
-    sage_kernel("sageattn_varlen"),
+    "sageattn_varlen",
     sage_caps(frozenset({MASK_NONE, MASK_KEY_PADDING}), priority=62),
-    sage_check("sageattn_varlen", triton=True),
     "1.0.0",
     "sageattention.sageattn_varlen: key-padding masks as packed sequences; INT8 (Triton), lossy",
     aliases=("sageattn_varlen", "sage_attn_varlen"),
+    triton=True,
 )
 _define(
     "_sage_qk_int8_pv_fp8_cuda",
-    sage_kernel("sageattn_qk_int8_pv_fp8_cuda", per_warp_on_sm12=True),
+    "sageattn_qk_int8_pv_fp8_cuda",
     sage_caps(min_compute_capability=(8, 9), tolerance=FP8_TOLERANCE, priority=67),
-    sage_check("sageattn_qk_int8_pv_fp8_cuda", built="SM89_ENABLED"),
     "2.1.1",
     "SageAttention2 INT8 QK + FP8 PV CUDA kernel (sm89+, the Ada kernel); lossy",
+    per_warp_on_sm12=True,
+    built="SM89_ENABLED",
 )
 _define(
     "_sage_qk_int8_pv_fp8_cuda_sm90",
-    sage_kernel("sageattn_qk_int8_pv_fp8_cuda_sm90"),
+    "sageattn_qk_int8_pv_fp8_cuda_sm90",
     sage_caps(min_compute_capability=(9, 0), max_compute_capability=(9, 0), tolerance=FP8_TOLERANCE, priority=68),
-    sage_check("sageattn_qk_int8_pv_fp8_cuda_sm90", built="SM90_ENABLED"),
     "2.1.1",
     "SageAttention2 INT8 QK + FP8 PV CUDA kernel for Hopper (sm90 only); lossy",
+    built="SM90_ENABLED",
 )
 _define(
     "_sage_qk_int8_pv_fp16_cuda",
-    sage_kernel("sageattn_qk_int8_pv_fp16_cuda", per_warp_on_sm12=True),
+    "sageattn_qk_int8_pv_fp16_cuda",
     sage_caps(priority=66),
-    sage_check("sageattn_qk_int8_pv_fp16_cuda", built="SM80_ENABLED"),
     "2.1.1",
     "SageAttention2 INT8 QK + FP16 PV CUDA kernel (sm80+); lossy",
+    per_warp_on_sm12=True,
+    built="SM80_ENABLED",
 )
 _define(
     "_sage_qk_int8_pv_fp16_triton",
-    sage_kernel("sageattn_qk_int8_pv_fp16_triton"),
+    "sageattn_qk_int8_pv_fp16_triton",
     sage_caps(priority=64),
-    sage_check("sageattn_qk_int8_pv_fp16_triton", triton=True),
     "2.1.1",
     "SageAttention INT8 QK + FP16 PV Triton kernel (sm80+); lossy",
+    triton=True,
 )
 
 

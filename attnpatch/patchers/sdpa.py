@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,51 @@ def leave(saved: int) -> None:
     _local.depth = saved
 
 
-def route(*args: Unpack[SdpaArgs], module_chain: Chain | None = None, site: str | None = None, **extra: Any) -> Any:
+class Router(Protocol):
+    """:func:`route` and :func:`route_bhsd`: the calling convention's eight (attnpatch/core/call.py), the calling
+    layer's selection and name, the dispatcher's later arguments."""
+
+    def __call__(
+        self, *args: Unpack[SdpaArgs], module_chain: Chain | None = None, site: str | None = None, **extra: Any
+    ) -> Any: ...
+
+
+def _suspending(router: Callable[..., Any], doc: str) -> Router:
+    # ``router`` (dispatch.route or dispatch.route_bhsd) with the redirect suspended on this thread. One body for
+    # both, bound here rather than passed per call: no extra Python call level on the per-call path.
+    def suspended(
+        *args: Unpack[SdpaArgs], module_chain: Chain | None = None, site: str | None = None, **extra: Any
+    ) -> Any:
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = args
+        local = _local
+        saved = local.depth
+        if saved:  # written only inside a redirect scope: a write in a traced frame would fail dynamo's own guard
+            local.depth = 0  # on this thread-local in the same frame (torch 2.13)
+        try:
+            return router(
+                query,
+                key,
+                value,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
+                module_chain=module_chain,
+                site=site,
+                **extra,
+            )
+        finally:
+            if saved:
+                local.depth = saved
+
+    suspended.__name__ = suspended.__qualname__ = router.__name__
+    suspended.__doc__ = doc
+    return suspended
+
+
+route = _suspending(
+    dispatch.route,
     """:func:`attnpatch.core.dispatch.route` with the redirect suspended, (batch, seq, heads, head_dim) tensors.
 
     Every patcher routes through here (or :func:`route_bhsd`): the ``native`` backend calls
@@ -89,43 +133,13 @@ def route(*args: Unpack[SdpaArgs], module_chain: Chain | None = None, site: str 
     ``args``: the calling convention's eight (attnpatch/core/call.py). ``module_chain`` and ``site``: the calling
     layer's selection and name, when the patcher has them (default: what the patcher pushed). ``extra``: the
     dispatcher's later arguments (softcap, window, sinks, return_lse), passed on only when given.
-    """
-    return _suspended(dispatch.route, args, module_chain, site, extra)
-
-
-def route_bhsd(
-    *args: Unpack[SdpaArgs], module_chain: Chain | None = None, site: str | None = None, **extra: Any
-) -> Any:
+    """,
+)
+route_bhsd = _suspending(
+    dispatch.route_bhsd,
     """:func:`route` for SDPA's layout, query (batch, heads, seq_q, head_dim), key/value (batch, heads_kv, seq_kv,
-    head_dim) -> out (batch, heads, seq_q, head_dim_v): :func:`attnpatch.core.dispatch.route_bhsd`."""
-    return _suspended(dispatch.route_bhsd, args, module_chain, site, extra)
-
-
-def _suspended(
-    router: Callable[..., Any], args: SdpaArgs, module_chain: Chain | None, site: str | None, extra: dict[str, Any]
-) -> Any:
-    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = args
-    local = _local
-    saved = local.depth
-    if saved:  # written only inside a redirect scope: a write in a traced frame would fail dynamo's own guard on
-        local.depth = 0  # this thread-local in the same frame (torch 2.13)
-    try:
-        return router(
-            query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=enable_gqa,
-            module_chain=module_chain,
-            site=site,
-            **extra,
-        )
-    finally:
-        if saved:
-            local.depth = saved
+    head_dim) -> out (batch, heads, seq_q, head_dim_v): :func:`attnpatch.core.dispatch.route_bhsd`.""",
+)
 
 
 def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
