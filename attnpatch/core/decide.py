@@ -134,8 +134,14 @@ def unsupported_message(chain: Chain, call: CallSpec, refused: dict[str, list[st
         for name, r in everything.items()
     ]
     mode = "strict mode: no fallback" if strict else "no backend left"
+    # Strict mode is set by ATTNPATCH_STRICT, the runner's --strict or set_strict: name every switch.
+    fix = (
+        ", or turn strict mode off (unset ATTNPATCH_STRICT, drop --strict, or attnpatch.set_strict(False)) to fall back"
+        if strict
+        else ""
+    )
     return (
         f"no backend of {chain.spec!r} can serve this attention call ({mode}; {call.describe()}). "
         + " | ".join(parts)
-        + ". Fix: choose another backend (python -m attnpatch list), or unset ATTNPATCH_STRICT to fall back."
+        + f". Fix: choose another backend (python -m attnpatch list){fix}."
     )

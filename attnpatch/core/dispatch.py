@@ -71,7 +71,7 @@ _NO_EXTRA: dict[str, Any] = {}  # a call without later arguments (never written 
 
 
 def _sync() -> None:
-    global _default, _plain, _fast, _strict, _contexts, _default_fn
+    global _default, _plain, _fast, _strict
     # Reading a setting loads them all (from the environment where not set explicitly).
     _strict = selection.strict()
     _plain = not selection.checks() and not hooks.observers
@@ -79,6 +79,12 @@ def _sync() -> None:
     _forget_decisions()  # strict mode, checks, the auto chooser: decisions may differ now
     _resolved.clear()
     _default = selection.loaded_default()
+    _contexts_changed()
+
+
+def _contexts_changed() -> None:
+    # A block opened or closed: which chain a call gets changes, what each chain decides does not.
+    global _contexts, _default_fn
     _contexts = selection.open_contexts()
     lead = _default.fast if _default is not None and _fast and not _contexts else None
     _default_fn = lead.fn if lead is not None else None
@@ -98,7 +104,7 @@ def _forget_decisions() -> None:
 
 
 registry.on_change(_registry_changed)
-selection.on_change(_sync)
+selection.on_change(_sync, contexts=_contexts_changed)
 hooks.on_change(_sync)
 
 

@@ -67,6 +67,7 @@ scope = _Scope()
 _lock = forksafe.Lock(reentrant=True)
 _chains: dict[str, Chain] = {}
 _listeners: list[Callable[[], None]] = []
+_context_listeners: list[Callable[[], None]] = []
 
 # The settings. None until loaded: _load() reads the environment for those not set explicitly.
 _default: Chain | None = None
@@ -76,13 +77,21 @@ _checks: bool | None = None
 _allow_lossy: bool | None = None
 
 
-def on_change(listener: Callable[[], None]) -> None:
-    """Call ``listener`` after any setting or the registry changed (the dispatcher refreshes its mirrors)."""
+def on_change(listener: Callable[[], None], *, contexts: Callable[[], None] | None = None) -> None:
+    """Call ``listener`` after any setting or the registry changed (the dispatcher refreshes its mirrors), and
+    ``contexts`` (default: ``listener``) after an attention_backend block opened or closed in eager code: that
+    changes which chain a call gets, never what a chain decides, so a listener may keep what it decided."""
     _listeners.append(listener)
+    _context_listeners.append(contexts or listener)
 
 
 def _changed() -> None:
     for listener in _listeners:
+        listener()
+
+
+def _contexts_changed() -> None:
+    for listener in _context_listeners:
         listener()
 
 
@@ -286,7 +295,7 @@ class attention_backend(ContextDecorator):  # noqa: N801 - used like a function,
         scope.context = self.chain
         with _lock:
             _contexts += 1
-        _changed()
+        _contexts_changed()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -299,7 +308,7 @@ class attention_backend(ContextDecorator):  # noqa: N801 - used like a function,
         scope.context = _context.get()
         with _lock:
             _contexts -= 1
-        _changed()
+        _contexts_changed()
 
 
 # The context selection (see attention_backend) and how many blocks are open in the process: with none open, the

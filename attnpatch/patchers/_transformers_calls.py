@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from attnpatch.core import registry
 from attnpatch.patchers._base import code_names
 
 # Keyword arguments a call may carry that the router does not hand to the dispatcher: a call that carries one
@@ -185,7 +184,7 @@ def gqa_as_transformers(
     Other backends get the un-repeated heads (their kernels do GQA themselves); returns (..., packed).
     ``chain``: the selection the call is routed with (:func:`attnpatch.core.dispatch.effective_chain`)."""
     fast = chain.fast
-    if fast is None or fast is not _builtin_native():
+    if fast is None or fast.name != "native" or not fast.builtin:  # (attributes: no registry state to guard on)
         return query, key, value, mask, 0
     use_gqa, takes_value, pack, repeat = _sdpa_helpers(sys.modules.get("transformers.integrations.sdpa_attention"))
     n_rep = query.shape[1] // key.shape[1]
@@ -205,18 +204,6 @@ def _sdpa_helpers(functions: Any) -> tuple[Any, bool, Any, Any]:
     use_gqa = getattr(functions, "use_gqa_in_sdpa", None)
     takes_value = use_gqa is not None and _takes_value(use_gqa)
     return use_gqa, takes_value, getattr(functions, "pack_gqa", None), getattr(functions, "repeat_kv", None)
-
-
-_native: list[Any] = []  # the registered native backend, found once (dropped when the registry changes)
-
-
-def _builtin_native() -> Any:
-    if not _native:
-        _native.append(registry.get_backend("native"))
-    return _native[0]
-
-
-registry.on_change(_native.clear)
 
 
 @functools.cache
