@@ -29,6 +29,7 @@ import torch
 
 from attnpatch import env
 from attnpatch.core import forksafe, registry
+from attnpatch.core.listeners import Listeners
 from attnpatch.core.registry import Backend
 from attnpatch.errors import AttnpatchWarning
 
@@ -66,8 +67,8 @@ scope = _Scope()
 
 _lock = forksafe.Lock(reentrant=True)
 _chains: dict[str, Chain] = {}
-_listeners: list[Callable[[], None]] = []
-_context_listeners: list[Callable[[], None]] = []
+_changed = Listeners()  # told after a setting or the registry changed
+_contexts_changed = Listeners()  # told after an attention_backend block opened or closed in eager code
 
 # The settings. None until loaded: _load() reads the environment for those not set explicitly.
 _default: Chain | None = None
@@ -81,18 +82,8 @@ def on_change(listener: Callable[[], None], *, contexts: Callable[[], None] | No
     """Call ``listener`` after any setting or the registry changed (the dispatcher refreshes its mirrors), and
     ``contexts`` (default: ``listener``) after an attention_backend block opened or closed in eager code: that
     changes which chain a call gets, never what a chain decides, so a listener may keep what it decided."""
-    _listeners.append(listener)
-    _context_listeners.append(contexts or listener)
-
-
-def _changed() -> None:
-    for listener in _listeners:
-        listener()
-
-
-def _contexts_changed() -> None:
-    for listener in _context_listeners:
-        listener()
+    _changed.add(listener)
+    _contexts_changed.add(contexts or listener)
 
 
 def _registry_changed() -> None:
