@@ -1,5 +1,5 @@
-"""Change notification between core modules: the registry and the hooks tell their listeners (the dispatcher,
-which keeps mirrors and caches of their state) when that state changed.
+"""Change notification between core modules: the registry, the selection settings and the hooks tell their
+listeners (the dispatcher, which keeps mirrors and caches of their state) when that state changed.
 
 A module keeps one :class:`Listeners`, hands its ``add`` out as its public ``on_change`` and calls it after each
 change.
