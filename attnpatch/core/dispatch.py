@@ -246,7 +246,7 @@ def route_bhsd(
     are (:func:`route` would cost two transposes each way); every other call is :func:`route` on transposed views.
     """
     if not extra and _fast:
-        fast = effective_chain(None, module_chain).fast
+        fast = (module_chain or effective_chain()).fast  # (a module's selection wins: no call for it)
         if fast is not None and fast.fn_bhsd is not None:
             if attn_mask is not None:
                 attn_mask, kind = masks.normalize(attn_mask, query, key, bhsd=True)
