@@ -81,7 +81,8 @@ def site_of(module: Any) -> str | None:
     compiled on its own (after a graph break) would recompile once per layer.
     """
     namespace = getattr(module, "__dict__", None)
-    if namespace is None or torch.compiler.is_compiling():
+    # Dynamo is what guards on what a traced frame reads (is_dynamo_compiling: one Python call, is_compiling two).
+    if namespace is None or torch.compiler.is_dynamo_compiling():
         return None
     site = namespace.get(SITE_ATTR)
     if site is None:

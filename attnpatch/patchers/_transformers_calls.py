@@ -190,7 +190,8 @@ def gqa_as_transformers(
     n_rep = query.shape[1] // key.shape[1]
     if use_gqa is not None and (use_gqa(mask, key, value) if takes_value else use_gqa(mask, key)):
         return query, key, value, mask, 0
-    if pack is not None and query.shape[2] == 1 and not torch.compiler.is_compiling():
+    # (transformers packs only outside dynamo: is_torchdynamo_compiling)
+    if pack is not None and query.shape[2] == 1 and not torch.compiler.is_dynamo_compiling():
         return pack(query, n_rep), key, value, pack(mask, n_rep), 1
     if repeat is None:
         return query, key, value, mask, 0

@@ -96,6 +96,11 @@ def leave(saved: int) -> None:
     _local.depth = saved
 
 
+def redirecting() -> bool:
+    """Whether a redirect scope is open on this thread (:func:`route` / :func:`route_bhsd` then suspend it)."""
+    return _local.depth > 0
+
+
 class Router(Protocol):
     """:func:`route` and :func:`route_bhsd`: the calling convention's eight (attnpatch/core/call.py), the calling
     layer's selection and name, the dispatcher's later arguments."""

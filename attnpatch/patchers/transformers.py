@@ -144,10 +144,15 @@ def _route(
     if gqa and not eager:
         query, key, value, mask, packed = calls.gqa_as_transformers(chain, query, key, value, mask)
         gqa = key.shape[1] != query.shape[1]
-    # In the layout transformers holds (batch, heads, seq, head_dim): native takes it as it is.
-    out = sdpa.route_bhsd(
-        query, key, value, mask, dropout, bool(causal), scaling, gqa, module_chain=chain, site=site, **extra
-    )
+    # In the layout transformers holds (batch, heads, seq, head_dim): native takes it as it is. Straight to the
+    # dispatcher unless a redirect scope is open on this thread (a layer that also calls F.sdpa itself).
+    causal = bool(causal)
+    if extra or sdpa.redirecting():
+        out = sdpa.route_bhsd(query, key, value, mask, dropout, causal, scaling, gqa, module_chain=chain, site=site,
+                              **extra)  # fmt: skip
+    else:
+        out = dispatch.route_bhsd(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                  scale=scaling, enable_gqa=gqa, module_chain=chain, site=site)  # fmt: skip
     if packed:  # (B, Hkv, n_rep, Dv) of one query token -> (B, H, 1, Dv), as sdpa_attention_forward reshapes it
         out = out.reshape(out.shape[0], -1, 1, out.shape[-1])
     return out.transpose(1, 2).contiguous(), None
