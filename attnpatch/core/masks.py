@@ -21,7 +21,10 @@ from attnpatch.errors import CheckFailed
 # checks run once per forward, not once per layer. Kept only for results that are views of the mask (bool masks,
 # additive ones in the query's dtype), which an in-place update of the mask cannot make stale.
 _last: tuple[Any, ...] = (None, None, None, None, None)
-_is_compiling = torch.compiler.is_compiling  # bound once (torch.compile recognises the function itself)
+# Bound once (torch.compile recognises the function itself). Dynamo is what must not read or keep the cache (a
+# traced read guards on it); other tracing (non-strict export) never finds its fake tensors there and at worst leaves
+# one in it until the next eager masked call.
+_is_compiling = torch.compiler.is_dynamo_compiling
 
 
 def normalize(
