@@ -16,6 +16,7 @@ diffusers issue #14249).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import gc
 import importlib
@@ -235,6 +236,14 @@ class attention_backend(selection.attention_backend):  # noqa: N801 - used like 
 def _compiling() -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and bool(torch.compiler.is_compiling())
+
+
+def sdpa_redirect_paused() -> contextlib.AbstractContextManager[None]:
+    """A block in which ``F.scaled_dot_product_attention`` is torch's own again (the SDPA redirect's wrapper is
+    off in the whole process): benchmarks time unpatched code as it runs without attnpatch."""
+    from attnpatch.patchers import sdpa
+
+    return sdpa.paused()
 
 
 def installed_patchers() -> list[str]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnpatch.patchers import sdpa
+from attnpatch import api
 
 FAST_TARGET_US = 0.3
 TARGET_US = 1.0
@@ -166,7 +166,7 @@ def _measure(found: list[Path], rounds: int, calls: int) -> dict[str, dict[str, 
                     for side, fn in (("direct", path.direct), ("routed", path.routed)):
                         # The direct side runs as without attnpatch: F.scaled_dot_product_attention is torch's own
                         # (installed, the redirect's wrapper would add its passthrough to every unpatched call).
-                        with sdpa.paused() if side == "direct" else contextlib.nullcontext():
+                        with api.sdpa_redirect_paused() if side == "direct" else contextlib.nullcontext():
                             start = time.perf_counter_ns()
                             for _ in range(calls):
                                 fn()
