@@ -96,24 +96,16 @@ class Capabilities:
         return atol, rtol
 
     def accepts_everything(self) -> bool:
-        """No restriction on calls without the later arguments (priority, tolerances and serving more do not
-        restrict what can be served)."""
-        relaxed = dataclasses.replace(
-            self,
-            priority=0,
-            tolerance={},
-            deterministic=True,
-            tolerance_grows_with_logits=False,
-            softcap=False,
-            window=False,
-            sinks=False,
-            return_lse=False,
-            lse_grad=False,
-        )
-        return relaxed == ACCEPT_ALL
+        """No restriction on calls without the later arguments: every field that restricts what can be served is
+        at ACCEPT_ALL's value (priority, tolerances and serving more restrict nothing)."""
+        return all(getattr(self, name) == getattr(ACCEPT_ALL, name) for name in _RESTRICTING)
 
 
 ACCEPT_ALL = Capabilities()
+# How a backend serves (its rank, its accuracy) and serving more than a plain call restrict nothing.
+_HOW = frozenset({"priority", "tolerance", "deterministic", "tolerance_grows_with_logits"})
+_MORE = frozenset({"softcap", "window", "sinks", "return_lse", "lse_grad"})
+_RESTRICTING = tuple(f.name for f in dataclasses.fields(Capabilities) if f.name not in _HOW | _MORE)
 
 
 def capability_reasons(caps: Capabilities, call: CallSpec) -> list[str]:

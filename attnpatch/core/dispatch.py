@@ -254,19 +254,10 @@ def route_bhsd(
                     attn_mask, kind = masks.fold_causal(attn_mask, kind, query.shape[2], key.shape[2])
                     is_causal = False
             return fast.fn_bhsd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    out = route(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
-        attn_mask=attn_mask,
-        dropout_p=dropout_p,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=enable_gqa,
-        module_chain=module_chain,
-        site=site,
-        **extra,
-    )
+    # The same keywords passed on, as dispatch_attention does (one line each would repeat its list again).
+    out = route(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
+                dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                module_chain=module_chain, site=site, **extra)  # fmt: skip
     if isinstance(out, tuple):  # return_lse: (out, lse); lse keeps the dispatcher's layout
         return out[0].transpose(1, 2), out[1]
     return out.transpose(1, 2)
