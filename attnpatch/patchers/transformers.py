@@ -138,7 +138,7 @@ def _route(
             causal = False
     # The selection this call is routed with, found once: the layout below depends on it, and the dispatcher
     # takes it as the module's (the same precedence already applied).
-    chain = dispatch.effective_chain(module_chain=chain_of(selection))
+    chain = chain_of(selection) or dispatch.effective_chain()
     packed = 0
     gqa = key_shape[1] != query_shape[1]
     if gqa and not eager:
