@@ -1,13 +1,14 @@
 """End-to-end cost of routing: tiny SD and Flux pipelines and Llama generate, patched with `native` vs unpatched.
 
-    python benchmarks/e2e.py [--rounds 15] [--models sd,flux,llama] [--threads 1] [--json out.json]
+    python benchmarks/e2e.py [--rounds 15] [--runs 3] [--models sd,flux,llama] [--threads 1] [--json out.json]
 
 Each round runs every model unpatched (no attnpatch wrapper installed at all) and after
 ``attnpatch.apply(model, backend="native")``, alternating which goes first, so slow phases of a busy machine hit
-both alike; after each switch one untimed run refills caches, then one run is timed. Reported per model: min and
-median seconds of each, and the ratios patched / unpatched (target <= 1.01). The tiny models make the Python
-around each attention call as large a share of the run as it can be; real models spend far more time inside the
-kernels, so their ratio is closer to 1. On a busy machine trust the min ratio: medians swing by several percent.
+both alike; after each switch one untimed run refills caches, then the mean of ``--runs`` runs is one sample.
+Reported per model: min and median seconds of each, and the ratios patched / unpatched (target <= 1.01). The
+tiny models make the Python around each attention call as large a share of the run as it can be; real models
+spend far more time inside the kernels, so their ratio is closer to 1. On a busy machine trust the min ratio:
+medians swing by several percent.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 
-def measure(models: Sequence[str], rounds: int, steps: int, tokens: int) -> dict[str, dict[str, float]]:
+def measure(models: Sequence[str], rounds: int, steps: int, tokens: int, runs: int = 3) -> dict[str, dict[str, float]]:
     import attnpatch
     from attnpatch.cli import demo
 
@@ -44,8 +45,9 @@ def measure(models: Sequence[str], rounds: int, steps: int, tokens: int) -> dict
                         attnpatch.apply(model, backend="native")
                 job.run(model)  # untimed: the first run after apply/unapply refills caches; a real run is long
                 began = time.perf_counter()
-                job.run(model)
-                times[variant].append(time.perf_counter() - began)
+                for _ in range(runs):  # a round's sample is the mean of a few runs: single runs swing by 10%+
+                    job.run(model)
+                times[variant].append((time.perf_counter() - began) / runs)
                 if variant == "native":
                     attnpatch.unapply(model)
         base, routed = times["unpatched"], times["native"]
@@ -63,6 +65,7 @@ def measure(models: Sequence[str], rounds: int, steps: int, tokens: int) -> dict
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per variant per round (their mean is a sample)")
     parser.add_argument("--models", default="sd,flux,llama")
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per pipeline run")
     parser.add_argument("--tokens", type=int, default=8, help="tokens per Llama generate")
@@ -74,9 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     models = [m.strip() for m in opts.models.split(",") if m.strip()]
-    results = measure(models, opts.rounds, opts.steps, opts.tokens)
+    results = measure(models, opts.rounds, opts.steps, opts.tokens, opts.runs)
     print(
-        f"end-to-end, patched with native vs unpatched; {opts.rounds} interleaved rounds, "
+        f"end-to-end, patched with native vs unpatched; {opts.rounds} interleaved rounds of {opts.runs} runs, "
         f"{torch.get_num_threads()} thread(s)"
     )
     print(

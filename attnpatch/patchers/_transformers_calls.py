@@ -188,7 +188,7 @@ def gqa_as_transformers(
         return query, key, value, mask, 0
     use_gqa, takes_value, pack, repeat = _sdpa_helpers(sys.modules.get("transformers.integrations.sdpa_attention"))
     n_rep = query.shape[1] // key.shape[1]
-    if use_gqa is not None and (use_gqa(mask, key, value) if takes_value else use_gqa(mask, key)):
+    if use_gqa is not None and _uses_gqa(use_gqa, takes_value, mask, key, value):
         return query, key, value, mask, 0
     # (transformers packs only outside dynamo: is_torchdynamo_compiling)
     if pack is not None and query.shape[2] == 1 and not torch.compiler.is_dynamo_compiling():
@@ -196,6 +196,27 @@ def gqa_as_transformers(
     if repeat is None:
         return query, key, value, mask, 0
     return query, repeat(key, n_rep), repeat(value, n_rep), mask, 0
+
+
+# (use_gqa_in_sdpa, mask is None, key head dim, value head dim) -> its answer.
+_gqa_answers: dict[tuple[Any, bool, int, int], bool] = {}
+
+
+def _uses_gqa(use_gqa: Any, takes_value: bool, mask: Any, key: torch.Tensor, value: torch.Tensor) -> bool:
+    # transformers' use_gqa_in_sdpa reads os.environ on every call (a missing variable raises and catches a KeyError
+    # inside os.environ.get: several microseconds a call inside a model). Outside tracing its answer depends only on
+    # whether there is a mask, the head dims and the process (torch version, device kind, TRANSFORMERS_SDPA_FORCE_GQA,
+    # read here at the first call of each kind), so it is asked once per kind. Either answer computes the same
+    # attention; it decides only the layout, which keeps native bitwise equal to the unpatched call.
+    if type(key) is not torch.Tensor or torch.compiler.is_dynamo_compiling():
+        return bool(use_gqa(mask, key, value) if takes_value else use_gqa(mask, key))
+    kind = (use_gqa, mask is None, key.shape[-1], value.shape[-1])
+    answer = _gqa_answers.get(kind)
+    if answer is None:
+        if len(_gqa_answers) >= 64:
+            _gqa_answers.clear()
+        answer = _gqa_answers[kind] = bool(use_gqa(mask, key, value) if takes_value else use_gqa(mask, key))
+    return answer
 
 
 @functools.cache
