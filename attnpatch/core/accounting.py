@@ -74,15 +74,19 @@ class Tally:
         self.calls = 0
 
 
-_live: set[Tally] = set()  # tallies the router holds: read by fallback_counts, folded on release
+# The tallies the router holds, one per set of keys (bounded like the keys): read by fallback_counts, folded and
+# forgotten on release.
+_live: dict[tuple[FallbackKey, ...], Tally] = {}
 
 
 def tally(keys: tuple[FallbackKey, ...]) -> Tally | None:
-    """A new :class:`Tally` for ``keys`` (None when nothing fell back: nothing to count), live until released."""
+    """The live :class:`Tally` for ``keys``, made on first use (None when nothing fell back: nothing to count).
+    Decisions that fall back alike share one: a kind of call decided again (its kernel raised once) adds none."""
     if not keys:
         return None
-    counter = Tally(keys)
-    _live.add(counter)
+    counter = _live.get(keys)
+    if counter is None:
+        counter = _live[keys] = Tally(keys)
     return counter
 
 
@@ -98,7 +102,7 @@ def release(counters: list[Tally | None]) -> None:
     for counter in counters:
         if counter is not None:
             _fold(counter)
-            _live.discard(counter)
+            _live.pop(counter.keys, None)
 
 
 def _user_stacklevel() -> int:
@@ -117,7 +121,7 @@ def _user_stacklevel() -> int:
 
 def fallback_counts() -> dict[FallbackKey, int]:
     """(requested chain, refusing backend, serving backend, reason) -> calls, since start or the last reset."""
-    for counter in list(_live):
+    for counter in list(_live.values()):
         _fold(counter)
     return dict(fallbacks)
 
@@ -125,7 +129,7 @@ def fallback_counts() -> dict[FallbackKey, int]:
 def reset_fallbacks() -> None:
     """Forget the counts and which warnings were shown."""
     fallbacks.clear()
-    for counter in list(_live):
+    for counter in list(_live.values()):
         counter.calls = 0
     _passthroughs.clear()
     _warned.clear()
