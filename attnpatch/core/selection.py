@@ -315,7 +315,7 @@ def open_contexts() -> int:
 
 def context_chain() -> Chain | None:
     """The selection of the innermost attention_backend block of this task (thread-local in compiled code)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():  # (dynamo breaks the graph on ContextVar.get; one call, not two)
         return scope.context
     return _context.get()
 
