@@ -66,6 +66,7 @@ _resolved: dict[str | Chain, Chain] = {}
 MAX_RESOLVED = 256
 # Bound once: each module attribute read costs ~40 ns per call. torch.compile recognises the function itself.
 _is_compiling = torch.compiler.is_compiling
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _grad_enabled = torch.is_grad_enabled
 _NO_EXTRA: dict[str, Any] = {}  # a call without later arguments (never written to)
 
@@ -300,9 +301,12 @@ def _route_slow(
     # first for everything) look up (chain, device); others a tuple of the facts the decision depends on. Anything
     # else (a registry change, device emulation, strict mode, another auto chooser) clears both caches.
     decision_key = None
-    if _plain and not _is_compiling():  # no observers, no checks (they see every call)
-        decided: Any = _leads.get((chain, query.device)) if _fast and not extra else None
-        if not decided:
+    decided: Any = None
+    if _plain:  # no observers, no checks (they see every call)
+        # A lead is keyed by the device alone: any tracing but dynamo's (whose guards would cover the cache) may use it.
+        if _fast and not extra and not _is_dynamo_compiling():
+            decided = _leads.get((chain, query.device))
+        if not decided and not _is_compiling():
             site = site or _scope.site
             needs_grad = _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
             if extra and "sinks" in extra and extra["sinks"].requires_grad:  # learnable sinks need a backward too
