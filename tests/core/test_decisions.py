@@ -3,13 +3,14 @@ counts they keep (tallies folded when the counts are read or the decisions dropp
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
 import torch
 
 import attnpatch
-from attnpatch.core import decide, dispatch, registry, selection
+from attnpatch.core import decide, dispatch, hooks, registry, selection
 from attnpatch.core.call import MASK_NONE, CallSpec
 from attnpatch.errors import AttnpatchWarning, UnsupportedCall
 from attnpatch.testing import emulate_device
@@ -31,6 +32,16 @@ def times(factor: float):
 def served_by(out: torch.Tensor, q: torch.Tensor) -> float:
     plain = registry.get_backend("native").fn(q, q, q, None, 0.0, False, None, False)
     return round(float((out / plain).mean()), 3)
+
+
+@contextlib.contextmanager
+def registered(name: str, factor: float, **capabilities):
+    """A backend computing native attention times ``factor`` (the output says who ran), for the block."""
+    attnpatch.register_backend(name, times(factor), **capabilities)
+    try:
+        yield
+    finally:
+        attnpatch.unregister_backend(name)
 
 
 def refusals(refused: str) -> int:
@@ -100,17 +111,14 @@ def test_a_rule_decides_per_call_kind_with_no_lead(elsewhere) -> None:
 
 
 def test_a_lead_is_per_device_and_emulation_drops_it(elsewhere) -> None:
-    attnpatch.register_backend("gpu_only", times(4.0), devices={"cuda"})
-    try:
-        q = qkv()
+    q = qkv()
+    with registered("gpu_only", 4.0, devices={"cuda"}):
         for _ in range(3):
             assert served_by(attnpatch.dispatch_attention(q, q, q, backend="gpu_only,native"), q) == 1.0
         with emulate_device("cuda", capability=(9, 0)):
             for _ in range(3):
                 assert served_by(attnpatch.dispatch_attention(q, q, q, backend="gpu_only,native"), q) == 4.0
         assert served_by(attnpatch.dispatch_attention(q, q, q, backend="gpu_only,native"), q) == 1.0
-    finally:
-        attnpatch.unregister_backend("gpu_only")
 
 
 def test_strict_mode_refuses_every_call_not_only_the_first(elsewhere) -> None:
@@ -130,15 +138,16 @@ def test_auto_leads_only_without_a_chooser_or_rules_at_the_top(elsewhere) -> Non
     auto = selection.resolve("auto")
     found = decide.lead(auto, call, strict=False)
     assert found is not None and found[0].name == "native" and found[1] == {}
-    attnpatch.register_backend("ranked", times(6.0), priority=50, max_head_dim=8)
-    try:
+    # A chooser times the candidates of each kind of call (flex serves some on CPU): no lead.
+    hooks.set_auto_chooser(lambda call, candidates, args: candidates[-1])
+    assert decide.lead(auto, call, strict=False) is None
+    hooks.set_auto_chooser(None)
+    with registered("ranked", 6.0, priority=50, max_head_dim=8):
         assert decide.lead(auto, call, strict=False) is None  # the top candidate has rules
         narrow = qkv(dim=8)
         for _ in range(3):
             assert served_by(attnpatch.dispatch_attention(q, q, q, backend="auto"), q) == 1.0
             assert served_by(attnpatch.dispatch_attention(narrow, narrow, narrow, backend="auto"), narrow) == 6.0
-    finally:
-        attnpatch.unregister_backend("ranked")
 
 
 def test_a_kernel_that_raises_after_its_lead_falls_back(elsewhere) -> None:
