@@ -188,10 +188,10 @@ def gqa_as_transformers(
         return query, key, value, mask, 0
     use_gqa, takes_value, pack, repeat = _sdpa_helpers(sys.modules.get("transformers.integrations.sdpa_attention"))
     n_rep = query.shape[1] // key.shape[1]
-    if use_gqa is not None and _uses_gqa(use_gqa, takes_value, mask, key, value):
+    traced = torch.compiler.is_dynamo_compiling()  # (transformers packs only outside dynamo: is_torchdynamo_compiling)
+    if use_gqa is not None and _uses_gqa(use_gqa, takes_value, mask, key, value, traced):
         return query, key, value, mask, 0
-    # (transformers packs only outside dynamo: is_torchdynamo_compiling)
-    if pack is not None and query.shape[2] == 1 and not torch.compiler.is_dynamo_compiling():
+    if pack is not None and query.shape[2] == 1 and not traced:
         return pack(query, n_rep), key, value, pack(mask, n_rep), 1
     if repeat is None:
         return query, key, value, mask, 0
@@ -202,13 +202,13 @@ def gqa_as_transformers(
 _gqa_answers: dict[tuple[Any, bool, int, int], bool] = {}
 
 
-def _uses_gqa(use_gqa: Any, takes_value: bool, mask: Any, key: torch.Tensor, value: torch.Tensor) -> bool:
+def _uses_gqa(use_gqa: Any, takes_value: bool, mask: Any, key: torch.Tensor, value: torch.Tensor, traced: bool) -> bool:
     # transformers' use_gqa_in_sdpa reads os.environ on every call (a missing variable raises and catches a KeyError
     # inside os.environ.get: several microseconds a call inside a model). Outside tracing its answer depends only on
     # whether there is a mask, the head dims and the process (torch version, device kind, TRANSFORMERS_SDPA_FORCE_GQA,
     # read here at the first call of each kind), so it is asked once per kind. Either answer computes the same
     # attention; it decides only the layout, which keeps native bitwise equal to the unpatched call.
-    if type(key) is not torch.Tensor or torch.compiler.is_dynamo_compiling():
+    if traced or type(key) is not torch.Tensor:
         return bool(use_gqa(mask, key, value) if takes_value else use_gqa(mask, key))
     kind = (use_gqa, mask is None, key.shape[-1], value.shape[-1])
     answer = _gqa_answers.get(kind)
