@@ -37,33 +37,37 @@ def normalize(
     are read once, and singleton dims are added with ``view`` (a fraction of the cost of indexing with None).
     """
     global _last
+    query_shape, key_shape = query.shape, key.shape  # read once: each read of a tensor's shape costs ~0.1 us
     if _is_compiling():  # traced code must not read or keep a module-level tensor
-        return _normalize(mask, query, key, bhsd)
+        return _normalize(mask, query_shape, key_shape, query.dtype, bhsd)
     last = _last
-    if mask is last[0] and query.shape == last[1] and key.shape == last[2] and bhsd is last[4]:
+    if mask is last[0] and query_shape == last[1] and key_shape == last[2] and bhsd is last[4]:
         return last[3]
-    result = _normalize(mask, query, key, bhsd)
+    result = _normalize(mask, query_shape, key_shape, query.dtype, bhsd)
     if result[0] is mask or result[0]._base is mask:
-        _last = (mask, query.shape, key.shape, result, bhsd)
+        _last = (mask, query_shape, key_shape, result, bhsd)
     return result
 
 
-def _normalize(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor, bhsd: bool) -> tuple[torch.Tensor, str]:
+def _normalize(
+    mask: torch.Tensor, query_shape: torch.Size, key_shape: torch.Size, dtype: torch.dtype, bhsd: bool
+) -> tuple[torch.Tensor, str]:
     if not isinstance(mask, torch.Tensor):
         raise CheckFailed(
             f"attn_mask is a {type(mask).__name__}, not a tensor: pass a torch.Tensor (bool: True = attend, or "
             "additive float) of shape (batch, seq_kv), (batch, seq_q, seq_kv) or (batch, heads, seq_q, seq_kv)"
         )
     if bhsd:
-        batch, heads, seq_q = query.shape[:3]
-        seq_kv = key.shape[2]
+        batch, heads, seq_q = query_shape[:3]
+        seq_kv = key_shape[2]
     else:
-        batch, seq_q, heads = query.shape[:3]
-        seq_kv = key.shape[1]
+        batch, seq_q, heads = query_shape[:3]
+        seq_kv = key_shape[1]
     shape = mask.shape
     ndim = len(shape)
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        mask = mask != 0  # integer keep-masks (tokenizer attention_mask) mean the same as bool ones
+    mask_dtype = mask.dtype
+    if mask_dtype != torch.bool and not mask_dtype.is_floating_point:
+        mask, mask_dtype = mask != 0, torch.bool  # integer keep-masks (tokenizer attention_mask) mean the same
     if ndim == 4:
         b, h, q, k = shape
         if b not in (1, batch) or h not in (1, heads) or q not in (1, seq_q) or k != seq_kv:
@@ -93,10 +97,10 @@ def _normalize(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor, bhsd:
             f"attn_mask with {ndim} dims, shape {tuple(shape)}: use (batch, seq_kv), "
             "(batch, seq_q, seq_kv) or (batch, heads, seq_q, seq_kv)"
         )
-    if mask.dtype == torch.bool:
+    if mask_dtype == torch.bool:
         return mask, (MASK_KEY_PADDING if h == 1 and q == 1 else MASK_BOOL)
-    if mask.dtype != query.dtype:
-        mask = mask.to(query.dtype)
+    if mask_dtype != dtype:
+        mask = mask.to(dtype)
     return mask, MASK_ADDITIVE
 
 
