@@ -56,9 +56,9 @@ _strict = False
 Decision = tuple[Backend, accounting.Tally | None]
 # (chain, site, shapes, dtype, device, mask kind, causal, dropout, scale given, grad) -> decision
 _decisions: dict[tuple[Any, ...], Decision] = {}
-# (chain, device) -> the decision for every plain call there (decide.lead), or False where it depends on the call:
+# (chain, device) -> the decision for every plain call there (decide.lead), or None where it depends on the call:
 # plain calls of such chains skip the decision key (shapes, dtype, grad).
-_leads: dict[tuple[Chain, torch.device], Decision | bool] = {}
+_leads: dict[tuple[Chain, torch.device], Decision | None] = {}
 # A bound on what grows with the number of distinct call shapes (a decode loop, a dynamic-resolution pipeline).
 MAX_DECISIONS = 1024
 # Selections passed per call (``backend="auto"``), resolved once: the dispatcher's own copy, dropped on any change.
@@ -99,7 +99,7 @@ def _registry_changed() -> None:
 
 def _forget_decisions() -> None:
     # Their tallies' calls join the fallback counts first.
-    accounting.release([d[1] for d in _decisions.values()] + [d[1] for d in _leads.values() if d])  # type: ignore[index]
+    accounting.release([d[1] for d in _decisions.values()] + [d[1] for d in _leads.values() if d is not None])
     _decisions.clear()
     _leads.clear()
 
@@ -170,6 +170,14 @@ def dispatch_attention(
                     attn_mask, kind = masks.fold_causal(attn_mask, kind, query.shape[1], key.shape[1])
                     is_causal = False
             fast = chain.fast
+            if fast is None and not _is_dynamo_compiling():
+                # A chain's lead on this device (see _route_slow), when it is a built-in that serves every call: like
+                # chain.fast, called with no fallback (none would mend its failure), its tally counting the call.
+                led = _leads.get((chain, query.device))
+                if led is not None and led[0].builtin:
+                    fast = led[0]
+                    if led[1] is not None:
+                        led[1].calls += 1
             if fast is not None:
                 return fast.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
             return _route_slow(
@@ -391,12 +399,12 @@ def _route_slow(
     raise UnsupportedCall(message, decide.all_reasons(chain, call, refused)) from failure
 
 
-def _lead(chain: Chain, call: CallSpec, decision: Decision, refused: dict[str, list[str]]) -> Decision | bool:
+def _lead(chain: Chain, call: CallSpec, decision: Decision, refused: dict[str, list[str]]) -> Decision | None:
     # Kept only as this call confirmed it (the same backend served, after the same refusals): it shares the
     # decision's tally, so every later call counts the same fallbacks as this one.
     found = decide.lead(chain, call, _strict)
     if found is None or found[0] is not decision[0] or found[1] != refused:
-        return False
+        return None
     return decision
 
 
