@@ -4,11 +4,12 @@ Legacy diffusers processors (and some transformers models) call ``F.scaled_dot_p
 looking the name up on the ``torch.nn.functional`` module at every call. While a patcher holds this module
 (:func:`acquire`), that attribute is a thin function that calls the original SDPA unchanged, except inside a
 scope a patcher opened on this thread (:func:`enter` / :func:`leave`, a thread-local depth). Inside such a scope
-the call goes to :func:`attnpatch.core.dispatch.route` with the per-module selection the patcher pushed. The
-behaviour of SDPA calls anywhere else (other threads, other models, our own ``native`` backend) does not change.
+the call goes to :func:`attnpatch.core.dispatch.route_bhsd` with the per-module selection the patcher pushed. The
+behaviour of SDPA calls anywhere else (other threads, other models) does not change; ``native`` calls torch's
+SDPA builtin, never this function.
 
-Layout: SDPA takes (batch, heads, seq, head_dim); the dispatcher (batch, seq, heads, head_dim). The redirect
-transposes at the edge, so the ``native`` backend sees exactly the tensors (same strides) the caller passed.
+Layout: SDPA's (batch, heads, seq, head_dim) goes to the dispatcher as it is (``route_bhsd``), so the ``native``
+backend sees exactly the tensors (same strides) the caller passed; other backends get transposed views.
 """
 
 from __future__ import annotations
@@ -142,9 +143,9 @@ route = _suspending(
     dispatch.route,
     """:func:`attnpatch.core.dispatch.route` with the redirect suspended, (batch, seq, heads, head_dim) tensors.
 
-    Every patcher routes through here (or :func:`route_bhsd`): the ``native`` backend calls
-    F.scaled_dot_product_attention itself, and that call must reach torch, not come back to the dispatcher (also
-    from inside a redirect scope, e.g. a transformers layer that calls both its attention function and F.sdpa).
+    Every patcher routes through here (or :func:`route_bhsd`) while a redirect scope may be open: a backend that
+    calls F.scaled_dot_product_attention itself (a user's; ``native`` calls torch's builtin) must reach torch, not
+    come back to the dispatcher (e.g. a transformers layer that calls both its attention function and F.sdpa).
     ``args``: the calling convention's eight (attnpatch/core/call.py). ``module_chain`` and ``site``: the calling
     layer's selection and name, when the patcher has them (default: what the patcher pushed). ``extra``: the
     dispatcher's later arguments (softcap, window, sinks, return_lse), passed on only when given.
