@@ -54,6 +54,17 @@ def call(site: str, spec: str, query: torch.Tensor, **kwargs: Any) -> torch.Tens
         selection.pop_module(saved)
 
 
+def call_per_layer(q: torch.Tensor, kv: torch.Tensor, cases: Any) -> None:
+    """One attention call per case and backend (native, _native_math), each as layer ``layer.<case index>``."""
+    for i, kwargs in enumerate(cases):
+        for backend in ("native", "_native_math"):
+            saved = selection.push_module(selection.resolve(backend), f"layer.{i}")
+            try:
+                attnpatch.dispatch_attention(q, kv, kv, **kwargs)
+            finally:
+                selection.pop_module(saved)
+
+
 def test_catches_lossy_backend_and_warns_once_per_module() -> None:
     verify.enable(1, "warn")
     q = qkv()
@@ -77,15 +88,8 @@ def test_native_passes_on_masks_gqa_causal_and_cross() -> None:
     padding = torch.ones(2, 24, dtype=torch.bool)
     padding[1, :7] = False  # left padding
     additive = torch.randn(2, 1, 16, 24, generator=torch.Generator().manual_seed(2))
-    for i, kwargs in enumerate(
-        ({}, {"attn_mask": padding}, {"attn_mask": additive}, {"is_causal": True}, {"scale": 0.3})
-    ):
-        for backend in ("native", "_native_math"):
-            saved = selection.push_module(selection.resolve(backend), f"layer.{i}")
-            try:
-                attnpatch.dispatch_attention(q, kv, kv, **kwargs)
-            finally:
-                selection.pop_module(saved)
+    cases = ({}, {"attn_mask": padding}, {"attn_mask": additive}, {"is_causal": True}, {"scale": 0.3})
+    call_per_layer(q, kv, cases)
     checks = verify.results()
     assert len(checks) == 10
     assert all(c.ok for c in checks), [(c.backend, c.mask, c.worst) for c in checks if not c.ok]
@@ -301,13 +305,7 @@ def test_calls_with_softcap_window_sinks_are_checked_with_them(chunked: bool, mo
         {"sinks": sinks},
         {"softcap": 2.0, "window": (4, 2), "sinks": sinks, "attn_mask": torch.ones(2, 20, dtype=torch.bool)},
     ]
-    for i, kwargs in enumerate(cases):
-        for backend in ("native", "_native_math"):
-            saved = selection.push_module(selection.resolve(backend), f"layer.{i}")
-            try:
-                attnpatch.dispatch_attention(q, kv, kv, **kwargs)
-            finally:
-                selection.pop_module(saved)
+    call_per_layer(q, kv, cases)
     checks = verify.results()
     assert len(checks) == 8 and all(c.ok for c in checks), [(c.site, c.backend, c.worst) for c in checks if not c.ok]
     for kwargs in cases[:3]:  # each argument changes the reference: the checks above compared something
