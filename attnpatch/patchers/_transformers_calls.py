@@ -208,14 +208,14 @@ def _uses_gqa(use_gqa: Any, takes_value: bool, mask: Any, key: torch.Tensor, val
     # whether there is a mask, the head dims and the process (torch version, device kind, TRANSFORMERS_SDPA_FORCE_GQA,
     # read here at the first call of each kind), so it is asked once per kind. Either answer computes the same
     # attention; it decides only the layout, which keeps native bitwise equal to the unpatched call.
-    if traced or type(key) is not torch.Tensor:
-        return bool(use_gqa(mask, key, value) if takes_value else use_gqa(mask, key))
-    kind = (use_gqa, mask is None, key.shape[-1], value.shape[-1])
-    answer = _gqa_answers.get(kind)
+    kind = None if traced or type(key) is not torch.Tensor else (use_gqa, mask is None, key.shape[-1], value.shape[-1])
+    answer = _gqa_answers.get(kind) if kind is not None else None
     if answer is None:
-        if len(_gqa_answers) >= 64:
-            _gqa_answers.clear()
-        answer = _gqa_answers[kind] = bool(use_gqa(mask, key, value) if takes_value else use_gqa(mask, key))
+        answer = bool(use_gqa(mask, key, value) if takes_value else use_gqa(mask, key))
+        if kind is not None:
+            if len(_gqa_answers) >= 64:
+                _gqa_answers.clear()
+            _gqa_answers[kind] = answer
     return answer
 
 
@@ -224,11 +224,6 @@ def _sdpa_helpers(functions: Any) -> tuple[Any, bool, Any, Any]:
     # transformers' sdpa module (None before it is imported): use_gqa_in_sdpa and whether it takes the value (5+),
     # pack_gqa (recent 5.x) and repeat_kv, looked up once per module object instead of on every call.
     use_gqa = getattr(functions, "use_gqa_in_sdpa", None)
-    takes_value = use_gqa is not None and _takes_value(use_gqa)
-    return use_gqa, takes_value, getattr(functions, "pack_gqa", None), getattr(functions, "repeat_kv", None)
-
-
-@functools.cache
-def _takes_value(use_gqa: Callable[..., bool]) -> bool:
     # use_gqa_in_sdpa(attention_mask, key) before transformers 5, (attention_mask, key, value) since.
-    return len(parameters(use_gqa)) >= 3
+    takes_value = use_gqa is not None and len(parameters(use_gqa)) >= 3
+    return use_gqa, takes_value, getattr(functions, "pack_gqa", None), getattr(functions, "repeat_kv", None)
