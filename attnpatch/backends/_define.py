@@ -35,6 +35,7 @@ def define(
     kernel: bool = False,
     extra_fn: ExtraFn | None = None,
     fn_bhsd: BackendFn | None = None,
+    is_sdpa: bool = False,
 ) -> registry.Backend:
     """Declare and register the built-in backend ``name``.
 
@@ -45,6 +46,7 @@ def define(
     extra_fn: the function for calls with the later arguments ``caps`` declares (softcap, window, sinks,
         return_lse, as keywords); default ``fn``, which then takes them.
     fn_bhsd: ``fn`` for (batch, heads, seq, head_dim) tensors, if the kernel takes that layout itself (SDPA).
+    is_sdpa: the backend is torch's SDPA with the caller's arguments (``Backend.is_sdpa``).
     """
     if kernel:
         # The later arguments reach an external kernel in eager calls only (the custom op's schema has none).
@@ -60,6 +62,7 @@ def define(
         description=description,
         extra_fn=extra_fn,  # type: ignore[arg-type]
         fn_bhsd=fn_bhsd,
+        is_sdpa=is_sdpa,
     )
     return registry.register(backend, aliases=aliases)
 

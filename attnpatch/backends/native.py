@@ -141,6 +141,7 @@ define(
     aliases=("sdpa", "torch", "default", "_native"),
     extra_fn=native_extra,
     fn_bhsd=native_bhsd,
+    is_sdpa=True,
 )
 define(
     "_native_math",

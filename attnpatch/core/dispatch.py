@@ -272,6 +272,17 @@ def route_bhsd(
     return out.transpose(1, 2)
 
 
+def runs_sdpa(module_chain: Chain | None = None) -> bool:
+    """Whether a call routed here now with this per-module selection would run torch's SDPA as it is: the chain's
+    first backend is ``native`` (``Backend.is_sdpa``) on the fast path (no checks, observers or per-site override).
+    A patcher holding a call the caller wrote for SDPA may then let it run unchanged: the same result, no routing.
+    """
+    if not _fast:
+        return False
+    fast = (module_chain or effective_chain()).fast
+    return fast is not None and fast.is_sdpa
+
+
 def effective_chain(backend: str | Chain | None = None, module_chain: Chain | None = None) -> Chain:
     """The chain :func:`route` would use with these arguments, here and now (for adapters that lay a call out
     the way the library would for the backend that serves it)."""

@@ -42,6 +42,9 @@ class Backend:
     # The same function for (batch, heads, seq, head_dim) tensors (SDPA's layout), or None: callers holding that
     # layout (the patchers) skip two transposes each way on the fast path (dispatch.route_bhsd).
     fn_bhsd: BackendFn | None = field(default=None, repr=False)
+    # True when the backend is torch's SDPA itself (``native``): a call that SDPA accepts, made in SDPA's own terms,
+    # gives through it exactly what SDPA gives, so a patcher may let such a call run as the caller wrote it.
+    is_sdpa: bool = field(default=False, repr=False)
     # The function for calls with later arguments (softcap, window, sinks, return_lse: as keywords, see
     # attnpatch.core.call); None: ``fn``. A built-in may keep ``fn`` lean for the plain calls of the fast path.
     extra_fn: ExtraFn = field(default=None, repr=False)  # type: ignore[assignment]

@@ -62,7 +62,8 @@ class _Scope(threading.local):
 
 
 # This thread's context and per-module selection and the calling site. The dispatcher reads it on every call;
-# change it only through attention_backend / push_module / pop_module.
+# change it only through attention_backend / push_module / pop_module, or as the patchers' layer scope does
+# (attnpatch/patchers/sdpa.py: push_module's two writes inline, restored in a finally, on every routed layer call).
 scope = _Scope()
 
 _lock = forksafe.Lock(reentrant=True)

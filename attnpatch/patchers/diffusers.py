@@ -44,7 +44,7 @@ from attnpatch.core.versions import distribution_version, version_tuple
 from attnpatch.patchers import _diffusers_parallel as parallel
 from attnpatch.patchers import sdpa, state
 from attnpatch.patchers._base import Patcher, code_names
-from attnpatch.patchers._layers import chain_of, mark_of, site_of
+from attnpatch.patchers._layers import mark_of, site_of
 
 DISPATCH_MODULE = "diffusers.models.attention_dispatch"
 # Modules that define processor classes and ``set_processor``; hooked so their classes are ready as they load.
@@ -183,7 +183,9 @@ def _ensure_wrapped(cls: type) -> None:
         if getattr(original, "_attnpatch_kind", None) or getattr(original, "_attnpatch_skipped", None):
             return
         if kind is not None:
-            wrapper = _wrap_call(original, redirect_sdpa=kind in (SDPA, BOTH))
+            wrapper = sdpa.layer_scope(
+                original, layer_arg=True, redirect=kind in (SDPA, BOTH), dispatcher=kind in (DISPATCHER, BOTH)
+            )
             wrapper._attnpatch_kind = kind  # type: ignore[attr-defined]
         else:
             wrapper = _wrap_skipped(original, skipped or "")
@@ -192,32 +194,6 @@ def _ensure_wrapped(cls: type) -> None:
 
 
 _scope = selection_module.scope
-
-
-def _wrap_call(original: Callable[..., Any], redirect_sdpa: bool) -> Callable[..., Any]:
-    # The processor-call scope. An unmarked attention module outside process-wide routing and outside any
-    # attention_backend() block costs one dict lookup and two attribute reads.
-    @functools.wraps(original)
-    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807 - it becomes the class's __call__
-        attn = args[0] if args else kwargs.get("attn")
-        selection = mark_of(attn)
-        if selection is None and not state.route_all and _scope.context is None:
-            return original(self, *args, **kwargs)
-        chain = chain_of(selection)
-        if chain is None and _scope.context is None:
-            # Routed without a selection of its own and outside any block: the process default, pushed so that
-            # the dispatch_attention_fn wrapper knows this call is routed.
-            chain = selection_module.default_chain()
-        saved = selection_module.push_module(chain, site_of(attn))
-        depth = sdpa.enter() if redirect_sdpa else 0
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            if redirect_sdpa:
-                sdpa.leave(depth)
-            selection_module.pop_module(saved)
-
-    return __call__
 
 
 def _skip_reason(owner: type) -> str | None:

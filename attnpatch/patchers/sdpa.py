@@ -3,10 +3,12 @@
 Legacy diffusers processors (and some transformers models) call ``F.scaled_dot_product_attention`` themselves,
 looking the name up on the ``torch.nn.functional`` module at every call. While a patcher holds this module
 (:func:`acquire`), that attribute is a thin function that calls the original SDPA unchanged, except inside a
-scope a patcher opened on this thread (:func:`enter` / :func:`leave`, a thread-local depth). Inside such a scope
-the call goes to :func:`attnpatch.core.dispatch.route_bhsd` with the per-module selection the patcher pushed. The
-behaviour of SDPA calls anywhere else (other threads, other models) does not change; ``native`` calls torch's
-SDPA builtin, never this function.
+scope a patcher opened on this thread (:func:`layer_scope`, or :func:`enter` / :func:`leave`: a thread-local
+depth). Inside such a scope the call goes to :func:`attnpatch.core.dispatch.route_bhsd` with the per-module
+selection the patcher pushed; in the scope of a layer whose selection is torch's SDPA itself on the fast path
+(:func:`attnpatch.core.dispatch.runs_sdpa`: ``native``, nothing watching) it goes to torch's SDPA as written,
+which is what the dispatcher would do, minus the routing. The behaviour of SDPA calls anywhere else (other
+threads, other models) does not change; ``native`` calls torch's SDPA builtin, never this function.
 
 Layout: SDPA's (batch, heads, seq, head_dim) goes to the dispatcher as it is (``route_bhsd``), so the ``native``
 backend sees exactly the tensors (same strides) the caller passed; other backends get transposed views.
@@ -15,6 +17,7 @@ backend sees exactly the tensors (same strides) the caller passed; other backend
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,9 +25,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from attnpatch.core import dispatch, forksafe, selection
+from attnpatch.core import dispatch, forksafe, hooks, selection
 from attnpatch.core.call import SdpaArgs
 from attnpatch.core.selection import Chain
+from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, state
+from attnpatch.patchers._layers import chain_of, site_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -32,12 +37,19 @@ if TYPE_CHECKING:
 
 class _Local(threading.local):
     # Class attributes are the per-thread defaults: reading them costs no fallback lookup.
+    # > 0: inside that many redirect scopes; 0: none (SDPA calls go to the function we replaced); AS_WRITTEN: in
+    # a layer whose selection runs torch's SDPA unchanged (dispatch.runs_sdpa), so its SDPA calls go there as they
+    # are, whatever F.scaled_dot_product_attention was before us.
     depth: int = 0
+
+
+AS_WRITTEN = -1
 
 
 _local = _Local()
 _scope = selection.scope  # the selection the patcher pushed for the module running on this thread
 _lock = forksafe.Lock()
+_sdpa = torch._C._nn.scaled_dot_product_attention  # torch's SDPA builtin (what F.scaled_dot_product_attention is)
 _users = 0
 # The function that was F.scaled_dot_product_attention when we replaced it (None while not installed).
 _original: Callable[..., torch.Tensor] | None = None
@@ -89,7 +101,7 @@ def enter() -> int:
     """Open a redirect scope on this thread; pass the return value to :func:`leave`."""
     local = _local
     saved = local.depth
-    local.depth = saved + 1
+    local.depth = saved + 1 if saved > 0 else 1
     return saved
 
 
@@ -100,6 +112,88 @@ def leave(saved: int) -> None:
 def redirecting() -> bool:
     """Whether a redirect scope is open on this thread (:func:`route` / :func:`route_bhsd` then suspend it)."""
     return _local.depth > 0
+
+
+def layer_scope(
+    method: Callable[..., Any], *, layer_arg: bool, redirect: bool, dispatcher: bool = False
+) -> Callable[..., Any]:
+    """``method`` (a layer's method, or a diffusers processor's ``__call__``) run in the scope of its layer.
+
+    The layer is ``self`` (``layer_arg=False``) or, for a processor called as ``processor(attn, ...)``, its first
+    argument. When the layer is marked, routing is process-wide or an ``attention_backend()`` block is open on this
+    thread, the call runs with the layer's selection and name pushed (:mod:`attnpatch.core.selection`'s scope:
+    its mark's chain, else the process default when no block is open, so that code reached inside knows the call
+    is routed) and, with ``redirect``, inside a redirect scope: its F.scaled_dot_product_attention calls go to the
+    dispatcher. ``dispatcher``: ``method`` also calls a replaced dispatcher function that reads the pushed scope.
+
+    A layer whose selection runs torch's SDPA as it is (:func:`attnpatch.core.dispatch.runs_sdpa`: ``native`` on
+    the fast path) and whose method only calls SDPA runs ``method`` untouched, as without attnpatch: that is what
+    routing would do. Anything not routed runs ``method`` with one dict lookup and two attribute reads added.
+
+    This is every routed legacy diffusers processor call and every transformers layer that calls SDPA itself, so
+    the scope is written inline: each call to push_module, pop_module, enter or leave would cost ~0.1 us.
+    """
+    scope, local = _scope, _local
+    is_dynamo_compiling, runs_sdpa = torch.compiler.is_dynamo_compiling, dispatch.runs_sdpa
+    untouched_when_native = redirect and not dispatcher
+
+    @functools.wraps(method)
+    def scoped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        layer = self if not layer_arg else args[0] if args else kwargs.get("attn")
+        namespace = getattr(layer, "__dict__", None)
+        # The instance dict, not getattr: a missing attribute on an nn.Module costs an exception (~1 us).
+        mark = namespace.get(MODULE_ATTR) if namespace is not None else None
+        context = scope.context
+        if mark is None and context is None and not state.route_all:
+            return method(self, *args, **kwargs)
+        if mark or context is None:  # a mark wins over any block; without one the process default decides
+            chain, native = _layer_routes.get(mark) or _layer_route(mark)
+        else:  # FOLLOW or unmarked inside an attention_backend() block: the block's chain, read per call
+            chain, native = None, runs_sdpa(None)
+        if native and untouched_when_native and _original is _sdpa:
+            return method(self, *args, **kwargs)
+        # No name while dynamo traces: a traced read would guard on each layer's own name (see site_of).
+        site = None if namespace is None or is_dynamo_compiling() else namespace.get(SITE_ATTR) or site_of(layer)
+        saved_module, saved_site, depth = scope.module, scope.site, local.depth
+        scope.module, scope.site = chain, site
+        if redirect:
+            # A native layer's SDPA calls go to torch's SDPA as written (whatever F's function was before us).
+            local.depth = AS_WRITTEN if native else depth + 1 if depth > 0 else 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if redirect:
+                local.depth = depth
+            scope.module, scope.site = saved_module, saved_site
+
+    return scoped
+
+
+# mark (a selection, FOLLOW, or None for an unmarked layer) -> (the chain to push, whether it runs torch's SDPA as
+# it is): what the layer scope pushes outside attention_backend() blocks, until a setting, hook or backend changes.
+_layer_routes: dict[str | None, tuple[Chain, bool]] = {}
+_routes_version = 0
+
+
+def _layer_route(mark: str | None) -> tuple[Chain, bool]:
+    version = _routes_version
+    chain = chain_of(mark) if mark else None
+    if chain is None:  # FOLLOW or unmarked: the process default, pushed so that code inside knows it is routed
+        chain = selection.default_chain()
+    route = (chain, dispatch.runs_sdpa(chain))
+    if version == _routes_version:  # nothing changed meanwhile on another thread
+        _layer_routes[mark] = route
+    return route
+
+
+def _routes_changed() -> None:
+    global _routes_version
+    _routes_version += 1
+    _layer_routes.clear()
+
+
+selection.on_change(_routes_changed, contexts=lambda: None)
+hooks.on_change(_routes_changed)
 
 
 class Router(Protocol):
@@ -160,8 +254,11 @@ route_bhsd = _suspending(
 
 def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
     """Stands in for F.scaled_dot_product_attention while installed; see the module docstring."""
-    if _local.depth == 0 or _original is None:
-        return (_original or torch._C._nn.scaled_dot_product_attention)(*args, **kwargs)
+    depth = _local.depth
+    if depth == 0 or _original is None:
+        return (_original or _sdpa)(*args, **kwargs)
+    if depth < 0:  # AS_WRITTEN: the layer's selection is torch's SDPA itself
+        return _sdpa(*args, **kwargs)
     out = _redirect(*args, **kwargs)
     # None: a call we cannot express in the dispatcher's terms, counted; it goes to the original SDPA unchanged.
     return _original(*args, **kwargs) if out is None else out

@@ -371,19 +371,7 @@ def _sdpa_scope(method: Callable[..., Any]) -> Callable[..., Any]:
     call to the dispatcher with the layer's selection; a call it cannot express there runs SDPA, counted.
     """
 
-    @functools.wraps(method)
-    def attnpatch_sdpa_scope(self: Any, *args: Any, **kwargs: Any) -> Any:
-        selection = mark_of(self)
-        if selection is None and not state.route_all and _scope.context is None:
-            return method(self, *args, **kwargs)
-        saved = selection_module.push_module(chain_of(selection), site_of(self))
-        depth = sdpa.enter()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            sdpa.leave(depth)
-            selection_module.pop_module(saved)
-
+    attnpatch_sdpa_scope = sdpa.layer_scope(method, layer_arg=False, redirect=True)
     setattr(attnpatch_sdpa_scope, _ROUTER_ATTR, method)
     return attnpatch_sdpa_scope
 
