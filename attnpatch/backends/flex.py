@@ -90,6 +90,7 @@ def flex(
     seq_kv = k.shape[2]
     score_mod = None
     block_mask = None
+    bias = None
     # Inside an outer torch.compile the caches below cannot be traced; the outer compile compiles flex anyway.
     compiling = torch.compiler.is_compiling()
     if attn_mask is not None or softcap is not None:
@@ -118,6 +119,12 @@ def flex(
         make: Callable[..., Any] = _make_causal_block_mask if compiling else _causal_block_mask
         block_mask = make(seq_q, seq_kv, str(q.device))
     kernel = cast(Callable[..., Any], flex_attention) if compiling else _compiled()
+    if not compiling and q.device.type == "cpu":
+        # torch 2.13's CPU flex template with a captured tensor (the mask bias) fails to build once the heads count
+        # turns dynamic ("'cur_qSplitSize8' was not declared", docs/kernel-facts.md): heads stay static, one compile
+        # per heads count (a model has one or two); batch and lengths still go dynamic.
+        for tensor in (q, k, v) if bias is None else (q, k, v, bias):
+            torch._dynamo.mark_static(tensor, 1)
     aux = AuxRequest(lse=True) if return_lse or sinks is not None else None
     result = kernel(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != heads, return_aux=aux
