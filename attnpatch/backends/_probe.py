@@ -18,7 +18,7 @@ import torch
 
 from attnpatch.core import capabilities
 from attnpatch.core.call import CallSpec, emulated, emulated_rocm
-from attnpatch.core.versions import installed, installed_version, version_tuple
+from attnpatch.core.versions import installed, installed_version, older_than
 
 HALF = frozenset({torch.float16, torch.bfloat16})
 # What the fused CUDA kernels (flash-attn, SageAttention, AITER) share: fp16/bf16 on CUDA, one head dim for query,
@@ -60,7 +60,7 @@ def package_reasons(
         return []
     distribution = pip_name.split("[")[0].split("=")[0].split(">")[0]
     version = installed_version(module, distribution)
-    if version is not None and version_tuple(version) < version_tuple(min_version):
+    if version is not None and older_than(version, min_version):
         fix = upgrade or hint or f"pip install -U '{pip_name}>={min_version}'{extra}"
         return [f"{module} version {version} < {min_version}: {fix}"]
     return []
