@@ -55,10 +55,15 @@ class Chain:
 
 
 class _Scope(threading.local):
-    # Class attributes are the per-thread defaults: reading them costs no fallback lookup.
-    context: Chain | None = None
-    module: Chain | None = None
-    site: str | None = None
+    # Set per thread on its first use: an attribute found in the class on one call and in the thread's own dict
+    # on the next would make a compiled frame that read it recompile once (dynamo guards on where it was found:
+    # a model compiled before an eager routed call, e.g. a compiled UNet beside an eager VAE).
+    context: Chain | None
+    module: Chain | None
+    site: str | None
+
+    def __init__(self) -> None:
+        self.context = self.module = self.site = None
 
 
 # This thread's context and per-module selection and the calling site. The dispatcher reads it on every call;

@@ -36,11 +36,15 @@ if TYPE_CHECKING:
 
 
 class _Local(threading.local):
-    # Class attributes are the per-thread defaults: reading them costs no fallback lookup.
+    # Set per thread on its first use: an attribute found in the class on one call and in the thread's own dict
+    # on the next would make a compiled frame that read it recompile (dynamo guards on where it was found).
     # > 0: inside that many redirect scopes; 0: none (SDPA calls go to the function we replaced); AS_WRITTEN: in
     # a layer whose selection runs torch's SDPA unchanged (dispatch.runs_sdpa), so its SDPA calls go there as they
     # are, whatever F.scaled_dot_product_attention was before us.
-    depth: int = 0
+    depth: int
+
+    def __init__(self) -> None:
+        self.depth = 0
 
 
 AS_WRITTEN = -1
@@ -146,14 +150,16 @@ def layer_scope(
         context = scope.context
         if mark is None and context is None and not state.route_all:
             return method(self, *args, **kwargs)
+        # Dynamo reads neither the cache below (a traced read guards on what it holds then, so filling it in
+        # an eager call later would recompile) nor a layer's name (a guard on each layer's own name).
+        compiling = is_dynamo_compiling()
         if mark or context is None:  # a mark wins over any block; without one the process default decides
-            chain, native = _layer_routes.get(mark) or _layer_route(mark)
+            chain, native = (not compiling and _layer_routes.get(mark)) or _layer_route(mark, compiling)
         else:  # FOLLOW or unmarked inside an attention_backend() block: the block's chain, read per call
             chain, native = None, runs_sdpa(None)
         if native and untouched_when_native and _original is _sdpa:
             return method(self, *args, **kwargs)
-        # No name while dynamo traces: a traced read would guard on each layer's own name (see site_of).
-        site = None if namespace is None or is_dynamo_compiling() else namespace.get(SITE_ATTR) or site_of(layer)
+        site = None if namespace is None or compiling else namespace.get(SITE_ATTR) or site_of(layer)
         saved_module, saved_site, depth = scope.module, scope.site, local.depth
         scope.module, scope.site = chain, site
         if redirect:
@@ -175,13 +181,13 @@ _layer_routes: dict[str | None, tuple[Chain, bool]] = {}
 _routes_version = 0
 
 
-def _layer_route(mark: str | None) -> tuple[Chain, bool]:
+def _layer_route(mark: str | None, compiling: bool = False) -> tuple[Chain, bool]:
     version = _routes_version
     chain = chain_of(mark) if mark else None
     if chain is None:  # FOLLOW or unmarked: the process default, pushed so that code inside knows it is routed
         chain = selection.default_chain()
     route = (chain, dispatch.runs_sdpa(chain))
-    if version == _routes_version:  # nothing changed meanwhile on another thread
+    if version == _routes_version and not compiling:  # nothing changed meanwhile on another thread
         _layer_routes[mark] = route
     return route
 

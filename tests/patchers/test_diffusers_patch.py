@@ -524,3 +524,23 @@ def test_install_before_diffusers_is_imported_patches_by_import_hook() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "10"  # flux 2 + unet 8 attention calls
+
+
+@pytest.mark.parametrize("backend", ["native", "_native_math"])  # run as written; routed through the redirect
+def test_a_model_compiled_before_an_eager_routed_call_does_not_recompile(backend: str) -> None:
+    # A compiled UNet beside an eager VAE: the eager call writes the thread's scope and fills the layer scope's
+    # cache; neither may invalidate what the first trace guarded on.
+    fam = family("unet")
+    model = dm.build(fam)
+    api.apply(model, backend)
+    inputs = dm.inputs(fam, 0, model)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager")
+        with torch.no_grad():
+            expected = fam.output(compiled(**inputs))
+            model(**inputs)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                torch.testing.assert_close(fam.output(compiled(**inputs)), expected, rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
