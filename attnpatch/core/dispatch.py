@@ -257,7 +257,16 @@ def route_bhsd(
     if not extra and _fast:
         fast = (module_chain or effective_chain()).fast  # (a module's selection wins: no call for it)
         if fast is not None and fast.fn_bhsd is not None:
-            if attn_mask is not None:
+            if attn_mask is not None and not (
+                # A 4-D bool mask, or an additive one in the query's dtype, means the same to torch's SDPA as to the
+                # dispatcher: SDPA itself takes it as it is and checks its shape (the patchers hand over masks
+                # that their library made for SDPA). Anything else is normalised: 2-D key padding, integer masks,
+                # a mask with is_causal (folded; SDPA refuses both).
+                fast.is_sdpa
+                and not is_causal
+                and attn_mask.dim() == 4
+                and (attn_mask.dtype is torch.bool or attn_mask.dtype is query.dtype)
+            ):
                 attn_mask, kind = masks.normalize(attn_mask, query, key, bhsd=True)
                 if is_causal:
                     attn_mask, kind = masks.fold_causal(attn_mask, kind, query.shape[2], key.shape[2])

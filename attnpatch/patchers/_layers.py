@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from attnpatch.core import forksafe, registry, selection
+from attnpatch.core import dispatch, forksafe, hooks, registry, selection
 from attnpatch.core.selection import Chain
 from attnpatch.errors import AttnpatchWarning, UnknownBackendError
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR
@@ -66,6 +66,41 @@ def _unregistered(spec: str, exc: UnknownBackendError) -> Chain:
 
 
 registry.on_change(_unknown.clear)
+
+
+# mark (a selection, FOLLOW, or None for an unmarked layer) -> (the chain a call of the layer is routed with outside
+# attention_backend() blocks, whether that chain runs torch's SDPA as it is: dispatch.runs_sdpa), until a setting,
+# hook or backend changes. Read inline by the patchers' per-call code (patchers/sdpa.py, patchers/transformers.py);
+# filled by route_of.
+routes: dict[str | None, tuple[Chain, bool]] = {}
+_routes_version = 0
+
+
+def route_of(mark: str | None, compiling: bool = False) -> tuple[Chain, bool]:
+    """The entry of :data:`routes` for ``mark``, made now; kept unless ``compiling`` (dynamo must not read or fill
+    the cache: a traced read guards on what it holds then, so an eager call filling it later would recompile).
+
+    A mark's chain; FOLLOW and unmarked layers get the process default, which the layer scope pushes so that the
+    code inside knows the call is routed. Inside an attention_backend() block they take the block's chain instead,
+    which is per thread and not cached here."""
+    version = _routes_version
+    chain = chain_of(mark) if mark else None
+    if chain is None:
+        chain = selection.default_chain()
+    route = (chain, dispatch.runs_sdpa(chain))
+    if version == _routes_version and not compiling:  # nothing changed meanwhile on another thread
+        routes[mark] = route
+    return route
+
+
+def _routes_changed() -> None:
+    global _routes_version
+    _routes_version += 1
+    routes.clear()
+
+
+selection.on_change(_routes_changed, contexts=lambda: None)
+hooks.on_change(_routes_changed)
 
 
 # --- the name of a layer -----------------------------------------------------------------------------------------

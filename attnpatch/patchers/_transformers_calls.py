@@ -176,22 +176,29 @@ def describe(fn: Callable[..., Any]) -> str:
 
 
 def gqa_as_transformers(
-    chain: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+    chain: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    query_shape: torch.Size,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     """For ``native``: lay a GQA call out exactly as this transformers' sdpa function does, so the output is
     bitwise the unpatched one (query (B, H, Sq, D), key/value (B, Hkv, Skv, D)). Its choice: ``enable_gqa`` (no mask,
     head dims <= 256), for one query token the query heads packed onto the key/value heads, else ``repeat_kv``.
     Other backends get the un-repeated heads (their kernels do GQA themselves); returns (..., packed).
-    ``chain``: the selection the call is routed with (:func:`attnpatch.core.dispatch.effective_chain`)."""
+    ``chain``: the selection the call is routed with (:func:`attnpatch.core.dispatch.effective_chain`);
+    ``query_shape``: ``query.shape``, read once by the caller (each read builds a torch.Size)."""
     fast = chain.fast
     if fast is None or fast.name != "native" or not fast.builtin:  # (attributes: no registry state to guard on)
         return query, key, value, mask, 0
     use_gqa, takes_value, pack, repeat = _sdpa_helpers(sys.modules.get("transformers.integrations.sdpa_attention"))
-    n_rep = query.shape[1] // key.shape[1]
+    key_shape = key.shape
+    n_rep = query_shape[1] // key_shape[1]
     traced = torch.compiler.is_dynamo_compiling()  # (transformers packs only outside dynamo: is_torchdynamo_compiling)
-    if use_gqa is not None and _uses_gqa(use_gqa, takes_value, mask, key, value, traced):
+    if use_gqa is not None and _uses_gqa(use_gqa, takes_value, mask, key, value, key_shape, traced):
         return query, key, value, mask, 0
-    if pack is not None and query.shape[2] == 1 and not traced:
+    if pack is not None and query_shape[2] == 1 and not traced:
         return pack(query, n_rep), key, value, pack(mask, n_rep), 1
     if repeat is None:
         return query, key, value, mask, 0
@@ -202,13 +209,21 @@ def gqa_as_transformers(
 _gqa_answers: dict[tuple[Any, bool, int, int], bool] = {}
 
 
-def _uses_gqa(use_gqa: Any, takes_value: bool, mask: Any, key: torch.Tensor, value: torch.Tensor, traced: bool) -> bool:
+def _uses_gqa(
+    use_gqa: Any,
+    takes_value: bool,
+    mask: Any,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_shape: torch.Size,
+    traced: bool,
+) -> bool:
     # transformers' use_gqa_in_sdpa reads os.environ on every call (a missing variable raises and catches a KeyError
     # inside os.environ.get: several microseconds a call inside a model). Outside tracing its answer depends only on
     # whether there is a mask, the head dims and the process (torch version, device kind, TRANSFORMERS_SDPA_FORCE_GQA,
     # read here at the first call of each kind), so it is asked once per kind. Either answer computes the same
     # attention; it decides only the layout, which keeps native bitwise equal to the unpatched call.
-    kind = None if traced or type(key) is not torch.Tensor else (use_gqa, mask is None, key.shape[-1], value.shape[-1])
+    kind = None if traced or type(key) is not torch.Tensor else (use_gqa, mask is None, key_shape[-1], value.shape[-1])
     answer = _gqa_answers.get(kind) if kind is not None else None
     if answer is None:
         answer = bool(use_gqa(mask, key, value) if takes_value else use_gqa(mask, key))

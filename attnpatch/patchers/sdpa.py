@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from attnpatch.core import dispatch, forksafe, hooks, selection
+from attnpatch.core import dispatch, forksafe, selection
 from attnpatch.core.call import SdpaArgs
 from attnpatch.core.selection import Chain
 from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, state
-from attnpatch.patchers._layers import chain_of, site_of
+from attnpatch.patchers._layers import route_of, routes, site_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -154,7 +154,7 @@ def layer_scope(
         # an eager call later would recompile) nor a layer's name (a guard on each layer's own name).
         compiling = is_dynamo_compiling()
         if mark or context is None:  # a mark wins over any block; without one the process default decides
-            chain, native = (not compiling and _layer_routes.get(mark)) or _layer_route(mark, compiling)
+            chain, native = (not compiling and routes.get(mark)) or route_of(mark, compiling)
         else:  # FOLLOW or unmarked inside an attention_backend() block: the block's chain, read per call
             chain, native = None, runs_sdpa(None)
         if native and untouched_when_native and _original is _sdpa:
@@ -173,33 +173,6 @@ def layer_scope(
             scope.module, scope.site = saved_module, saved_site
 
     return scoped
-
-
-# mark (a selection, FOLLOW, or None for an unmarked layer) -> (the chain to push, whether it runs torch's SDPA as
-# it is): what the layer scope pushes outside attention_backend() blocks, until a setting, hook or backend changes.
-_layer_routes: dict[str | None, tuple[Chain, bool]] = {}
-_routes_version = 0
-
-
-def _layer_route(mark: str | None, compiling: bool = False) -> tuple[Chain, bool]:
-    version = _routes_version
-    chain = chain_of(mark) if mark else None
-    if chain is None:  # FOLLOW or unmarked: the process default, pushed so that code inside knows it is routed
-        chain = selection.default_chain()
-    route = (chain, dispatch.runs_sdpa(chain))
-    if version == _routes_version and not compiling:  # nothing changed meanwhile on another thread
-        _layer_routes[mark] = route
-    return route
-
-
-def _routes_changed() -> None:
-    global _routes_version
-    _routes_version += 1
-    _layer_routes.clear()
-
-
-selection.on_change(_routes_changed, contexts=lambda: None)
-hooks.on_change(_routes_changed)
 
 
 class Router(Protocol):

@@ -48,12 +48,13 @@ import torch
 
 from attnpatch.core import dispatch
 from attnpatch.core import selection as selection_module
+from attnpatch.core.selection import Chain
 from attnpatch.core.versions import distribution_version, version_tuple
+from attnpatch.patchers import MODULE_ATTR, SITE_ATTR, sdpa, state
 from attnpatch.patchers import _transformers_calls as calls
 from attnpatch.patchers import _transformers_forms as forms
-from attnpatch.patchers import sdpa, state
 from attnpatch.patchers._base import Patcher, code_names
-from attnpatch.patchers._layers import chain_of, mark_of, site_of
+from attnpatch.patchers._layers import route_of, routes, site_of
 
 AttentionFn = Callable[..., tuple[torch.Tensor, Any]]
 
@@ -90,7 +91,7 @@ def _route(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     kwargs: dict[str, Any],
-    selection: str | None,
+    chain: Chain,
     site: str | None,
     eager: bool,
     position_bias: torch.Tensor | None,
@@ -136,14 +137,11 @@ def _route(
         else:
             mask = _create_position_bias_mask(position_bias, mask, causal, query, key)
             causal = False
-    # The selection this call is routed with, found once: the layout below depends on it, and the dispatcher
-    # takes it as the module's (the same precedence already applied).
-    chain = chain_of(selection) or dispatch.effective_chain()
     packed = 0
     gqa = key_shape[1] != query_shape[1]
     if gqa and not eager:
-        query, key, value, mask, packed = calls.gqa_as_transformers(chain, query, key, value, mask)
-        gqa = key.shape[1] != query.shape[1]
+        query, key, value, mask, packed = calls.gqa_as_transformers(chain, query, key, value, mask, query_shape)
+        gqa = key.shape[1] != query_shape[1] if not packed else False
     # In the layout transformers holds (batch, heads, seq, head_dim): native takes it as it is. Straight to the
     # dispatcher unless a redirect scope is open on this thread (a layer that also calls F.sdpa itself).
     causal = bool(causal)
@@ -159,6 +157,7 @@ def _route(
 
 
 _scope = selection_module.scope
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling  # bound once (torch.compile recognises the function)
 
 
 def _sdpa_router(original: AttentionFn) -> AttentionFn:
@@ -194,10 +193,16 @@ def _attention_router(original: AttentionFn, eager: bool, sinks: str | None = No
         *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
-        selection = mark_of(module)
-        if selection is None and not state.route_all and _scope.context is None:
+        # Inline, as the layer scope does (patchers/sdpa.py): each call level costs more inside a model than
+        # in a loop. The instance dict, not getattr: a missing attribute on an nn.Module raises inside (~1 us).
+        namespace = getattr(module, "__dict__", None)
+        mark = namespace.get(MODULE_ATTR) if namespace is not None else None
+        context = _scope.context
+        if mark is None and not state.route_all and context is None:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
-        site = site_of(module)
+        # Dynamo reads neither the route cache nor a layer's name (see route_of and site_of).
+        compiling = _is_dynamo_compiling()
+        site = None if namespace is None or compiling else namespace.get(SITE_ATTR) or site_of(module)
         reason = calls.refusal(attention_mask, args, kwargs, applied)
         position_bias = kwargs.get("position_bias") if takes_bias else None
         extra: dict[str, Any] = {}
@@ -214,7 +219,13 @@ def _attention_router(original: AttentionFn, eager: bool, sinks: str | None = No
         if reason is not None:
             dispatch.note_passthrough(site, reason)
             return original(module, query, key, value, attention_mask, *args, **kwargs)
-        return _route(module, query, key, value, attention_mask, kwargs, selection, site, eager, position_bias, extra)
+        # The chain this call is routed with, found once: the layout _route chooses depends on it, and the
+        # dispatcher takes it as the module's (the same precedence: a mark, else a block, else the default).
+        if mark or context is None:
+            chain = ((not compiling and routes.get(mark)) or route_of(mark, compiling))[0]
+        else:
+            chain = dispatch.effective_chain()
+        return _route(module, query, key, value, attention_mask, kwargs, chain, site, eager, position_bias, extra)
 
     setattr(attnpatch_attention, _ROUTER_ATTR, original)
     return attnpatch_attention
