@@ -253,6 +253,8 @@ def route_bhsd(
 
     On the fast path a backend that takes this layout (``Backend.fn_bhsd``: ``native``) gets the tensors as they
     are (:func:`route` would cost two transposes each way); every other call is :func:`route` on transposed views.
+    For ``native`` a 4-D bool mask, or an additive one in the query's dtype, is also passed as it is: SDPA reads
+    it as the dispatcher does and checks its shape itself (other masks are normalised as in :func:`route`).
     """
     if not extra and _fast:
         fast = (module_chain or effective_chain()).fast  # (a module's selection wins: no call for it)
