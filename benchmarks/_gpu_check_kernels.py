@@ -179,6 +179,34 @@ def measure(functions: dict[str, Callable[[], Tensor]], device: torch.device, se
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def gqa_flag_fact(device: torch.device) -> str:
+    """Whether ``enable_gqa=True`` leaves torch's SDPA kernel choice alone where the heads are equal (``native``
+    always passes it; tests/backends/test_native_gqa_flag.py checks the CPU choice). Asks the chooser only."""
+    import itertools
+
+    calls = same = 0
+    differ = []
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    for dtype, head_dim, seq, masked, causal, grad in itertools.product(
+        dtypes, (64, 128, 256), (128, 77), (False, True), (False, True), (False, True)
+    ):
+        if masked and causal:
+            continue
+        q, k, v = (torch.randn(1, 4, seq, head_dim, device=device, dtype=dtype, requires_grad=grad) for _ in range(3))
+        mask = torch.rand(1, 1, seq, seq, device=device) > 0.2 if masked else None
+        chosen = []
+        with torch.set_grad_enabled(grad):
+            for flag in (False, True):
+                chosen.append(int(torch._fused_sdp_choice(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=flag)))
+        calls += 1
+        if chosen[0] == chosen[1]:
+            same += 1
+        else:
+            differ.append(f"{dtype} d{head_dim} s{seq} mask={masked} causal={causal} grad={grad}: {chosen}")
+    text = f"same kernel in {same}/{calls} kinds of call"
+    return text + (f"; DIFFERENT: {'; '.join(differ[:5])}" if differ else "")
+
+
 # ----- the steps -----------------------------------------------------------------------------------------------
 
 

@@ -160,6 +160,7 @@ def render(state: dict[str, Any]) -> str:
         f"- Device: {env.get('device', '(no worker reported: see Errors)')}",
         f"- {env.get('software', '')}",
         f"- Libraries: {env.get('libraries', '')}",
+        f"- SDPA with `enable_gqa=True` and equal heads (native always passes it): {env.get('gqa_flag', '-')}",
         f"- Command: `{state['command']}`",
         f"- Run time: {state['elapsed']:.0f} s of a {state['budget']:.0f} s budget; {state['workers']} worker "
         f"process(es); steps done: {sum(1 for s in state['plan'] if s in records)}/{len(state['plan'])}",

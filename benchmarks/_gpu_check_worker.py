@@ -122,7 +122,16 @@ class Worker:
             "unavailable": unavailable,
             "sage_version": sage,
             "models_note": self.model_runner().note() if self.config["models"] else "",
+            "gqa_flag": self.gqa_flag(),
         }
+
+    def gqa_flag(self) -> str:
+        try:
+            from _gpu_check_kernels import gqa_flag_fact, short_error
+
+            return gqa_flag_fact(self.device)
+        except Exception as exc:  # a fact, not a step: its failure is its text
+            return short_error(exc)
 
     def model_runner(self) -> Any:
         if self.models is None:

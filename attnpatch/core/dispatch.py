@@ -164,12 +164,28 @@ def dispatch_attention(
             chain = _resolved.get(backend) or _resolve(backend)
         if chain is not None:
             kind = MASK_NONE
+            fast = chain.fast
             if attn_mask is not None:
+                if (
+                    fast is not None
+                    and fast.is_sdpa
+                    and not is_causal
+                    and isinstance(attn_mask, torch.Tensor)
+                    and attn_mask.ndim == 4
+                    and (attn_mask.dtype is torch.bool or attn_mask.dtype is query.dtype)
+                ):
+                    # A 4-D bool mask, or an additive one in the query's dtype, goes to torch's SDPA (native) as it
+                    # is, as in route_bhsd: SDPA reads it as the dispatcher does and checks its shape itself. One
+                    # it refuses gets the dispatcher's own one-line error.
+                    try:
+                        return fast.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+                    except RuntimeError:
+                        _explain_mask(attn_mask, query, key)
+                        raise
                 attn_mask, kind = masks.normalize(attn_mask, query, key)
                 if is_causal:
                     attn_mask, kind = masks.fold_causal(attn_mask, kind, query.shape[1], key.shape[1])
                     is_causal = False
-            fast = chain.fast
             if fast is None and not _is_dynamo_compiling():
                 # A chain's lead on this device (see _route_slow), when it is a built-in that serves every call: like
                 # chain.fast, called with no fallback (none would mend its failure), its tally counting the call.
@@ -281,6 +297,14 @@ def route_bhsd(
     if isinstance(out, tuple):  # return_lse: (out, lse); lse keeps the dispatcher's layout
         return out[0].transpose(1, 2), out[1]
     return out.transpose(1, 2)
+
+
+def _explain_mask(attn_mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
+    # A mask torch's SDPA refused: raise the dispatcher's one-line error for it if it breaks the mask rules.
+    try:
+        masks.normalize(attn_mask, query, key)
+    except CheckFailed as clear:
+        raise clear from None
 
 
 def runs_sdpa(module_chain: Chain | None = None) -> bool:
