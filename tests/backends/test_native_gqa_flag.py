@@ -58,7 +58,7 @@ def test_the_flag_picks_the_same_cpu_kernel_for_equal_heads(dtype, head_dim, mas
     assert torch.equal(flagged, plain)
     if grad:
         grads = torch.autograd.grad(plain.sum(), (q, k, v))
-        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(flagged.sum(), (q, k, v)), grads))
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(flagged.sum(), (q, k, v)), grads, strict=True))
 
 
 def test_the_grid_reaches_both_cpu_kernels() -> None:
