@@ -127,7 +127,7 @@ def dispatch_attention(
     query: (batch, seq_q, heads, head_dim); key: (batch, seq_kv, heads_kv, head_dim);
     value: (batch, seq_kv, heads_kv, head_dim_v) -> out: (batch, seq_q, heads, head_dim_v).
     heads_kv may divide heads (GQA/MQA) with or without ``enable_gqa``.
-    attn_mask: bool/integer (True = attend) or additive float; (batch, seq_kv) key padding,
+    attn_mask: bool/integer (True = attend) or additive float; (batch|1, seq_kv) key padding,
         (batch, seq_q, seq_kv) or (batch|1, 1|heads, seq_q|1, seq_kv). Query rows with no key to attend give 0.
     is_causal: top-left aligned like torch's SDPA; may be combined with attn_mask (both apply).
     backend: per-call selection (name, alias, ``auto`` or chain), overriding every other setting.
@@ -166,22 +166,24 @@ def dispatch_attention(
             kind = MASK_NONE
             fast = chain.fast
             if attn_mask is not None:
-                if (
-                    fast is not None
-                    and fast.is_sdpa
-                    and not is_causal
-                    and isinstance(attn_mask, torch.Tensor)
-                    and attn_mask.ndim == 4
-                    and (attn_mask.dtype is torch.bool or attn_mask.dtype is query.dtype)
-                ):
-                    # A 4-D bool mask, or an additive one in the query's dtype, goes to torch's SDPA (native) as it
-                    # is, as in route_bhsd: SDPA reads it as the dispatcher does and checks its shape itself. One
-                    # it refuses gets the dispatcher's own one-line error.
-                    try:
-                        return fast.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-                    except RuntimeError:
-                        _explain_mask(attn_mask, query, key)
-                        raise
+                if fast is not None and fast.is_sdpa and not is_causal and isinstance(attn_mask, torch.Tensor):
+                    # torch's SDPA (native) takes a 4-D bool mask, or an additive one in the query's dtype, as it is
+                    # (as in route_bhsd): it reads it as the dispatcher does and checks its shape itself. A 2-D bool
+                    # key-padding mask normalised before (the same object) goes as the 4-D view made then. A mask
+                    # SDPA refuses gets the dispatcher's own one-line error.
+                    ndim = attn_mask.ndim
+                    if ndim == 4 and (attn_mask.dtype is torch.bool or attn_mask.dtype is query.dtype):
+                        as_is = attn_mask
+                    elif ndim == 2 and not _is_dynamo_compiling() and attn_mask is masks.padding[0]:
+                        as_is = masks.padding[1]
+                    else:
+                        as_is = None
+                    if as_is is not None:
+                        try:
+                            return fast.fn(query, key, value, as_is, dropout_p, is_causal, scale, enable_gqa)
+                        except RuntimeError:
+                            _explain_mask(attn_mask, query, key)
+                            raise
                 attn_mask, kind = masks.normalize(attn_mask, query, key)
                 if is_causal:
                     attn_mask, kind = masks.fold_causal(attn_mask, kind, query.shape[1], key.shape[1])

@@ -1,7 +1,7 @@
 """Attention-mask normalisation, done once per call for every backend.
 
 Accepted masks (True / non-zero = attend for bool and integer masks; additive masks are added to the scores):
-    (batch, seq_kv)                      key padding, e.g. a tokenizer's attention_mask
+    (batch|1, seq_kv)                    key padding, e.g. a tokenizer's attention_mask
     (batch, seq_q, seq_kv)               per-query mask
     (batch|1, 1|heads, seq_q|1, seq_kv)  SDPA-style 4-D mask, broadcast over the singleton dims
 Out: a 4-D mask in one of the kinds of :mod:`attnpatch.core.call` (bool, key_padding, additive in query's dtype).
@@ -21,6 +21,10 @@ from attnpatch.errors import CheckFailed
 # checks run once per forward, not once per layer. Kept only for results that are views of the mask (bool masks,
 # additive ones in the query's dtype), which an in-place update of the mask cannot make stale.
 _last: tuple[Any, ...] = (None, None, None, None, None)
+# The last 2-D bool key-padding mask normalised, and its (batch|1, 1, 1, seq_kv) view: the dispatcher hands that
+# view to torch's SDPA (native) when the same mask comes again, reading no shape (SDPA checks the shapes, and the
+# dispatcher explains a refusal). Kept for seq_kv > 1 only: a (batch|1, 1) mask would broadcast over any keys.
+padding: tuple[Any, Any] = (None, None)
 # Bound once (torch.compile recognises the function itself). Dynamo is what must not read or keep the cache (a
 # traced read guards on it); other tracing (non-strict export) never finds its fake tensors there and at worst leaves
 # one in it until the next eager masked call.
@@ -36,7 +40,7 @@ def normalize(
     Runs on every masked call: the same mask as the last call is answered from a one-entry cache; otherwise shapes
     are read once, and singleton dims are added with ``view`` (a fraction of the cost of indexing with None).
     """
-    global _last
+    global _last, padding
     query_shape, key_shape = query.shape, key.shape  # read once: each read of a tensor's shape costs ~0.1 us
     if _is_compiling():  # traced code must not read or keep a module-level tensor
         return _normalize(mask, query_shape, key_shape, query.dtype, bhsd)
@@ -46,6 +50,8 @@ def normalize(
     result = _normalize(mask, query_shape, key_shape, query.dtype, bhsd)
     if result[0] is mask or result[0]._base is mask:
         _last = (mask, query_shape, key_shape, result, bhsd)
+        if result[1] == MASK_KEY_PADDING and mask.ndim == 2 and mask.shape[1] > 1:
+            padding = (mask, result[0])
     return result
 
 
@@ -76,13 +82,14 @@ def _normalize(
                 f"heads={heads}, seq_q={seq_q}, seq_kv={seq_kv})"
             )
     elif ndim == 2:
-        if shape[0] != batch or shape[1] != seq_kv:
+        b = shape[0]
+        if b not in (1, batch) or shape[1] != seq_kv:
             raise CheckFailed(
-                f"attn_mask of shape {tuple(shape)}: a 2-D mask is key padding (batch={batch}, "
+                f"attn_mask of shape {tuple(shape)}: a 2-D mask is key padding (batch={batch}|1, "
                 f"seq_kv={seq_kv}); pass a (seq_q, seq_kv) mask as (1, 1, seq_q, seq_kv)"
             )
-        b, h, q = batch, 1, 1
-        mask = mask.view(batch, 1, 1, seq_kv)
+        h, q = 1, 1
+        mask = mask.view(b, 1, 1, seq_kv)
     elif ndim == 3:
         b, q = shape[0], shape[1]
         if b not in (1, batch) or q not in (1, seq_q) or shape[2] != seq_kv:
