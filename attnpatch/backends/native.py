@@ -45,21 +45,21 @@ def native(
     On torch >= 2.5 SDPA already returns 0 for query rows with no key to attend, so no extra fix-up is needed.
 
     Heads_kv may divide heads whatever ``enable_gqa`` says, so SDPA always gets ``enable_gqa=True``: reading both
-    heads counts (two ``tensor.shape``, ~0.2 us) costs more than torch's parser takes for the keyword. Where the
-    heads are equal the flag changes nothing in torch: the kernel choice (``check_batch_size_and_num_heads_dense``
-    in sdp_utils_cpp.h, the one place it reads the flag) and the math kernel's GQA step
-    (``pre_process_group_query_attention_input``) both return early for equal heads
-    (tests/core/test_backends_reference.py checks the CPU kernel choice; docs/kernel-facts.md).
+    heads counts (two ``tensor.shape``, ~2.8k instructions) costs more than the keyword (~1.7k, less after
+    another keyword). Where the heads are equal the flag changes nothing in torch: the kernel choice
+    (``check_batch_size_and_num_heads_dense`` in sdp_utils_cpp.h, the one place it reads the flag) and the math
+    kernel's GQA step (``pre_process_group_query_attention_input``) both return early for equal heads
+    (tests/backends/test_native_gqa_flag.py checks the CPU kernel choice and outputs; docs/kernel-facts.md).
     """
     # native_bhsd's body on transposed views, inline: one more Python call level would cost ~0.15 us per call.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if not dropout_p and not is_causal and scale is None:
-        # Every extra argument costs torch's argument parser ~0.1 us: the plain calls pass only what they need.
+        # Every argument costs torch's parser, a keyword most (the first one makes Python build a dict): the plain
+        # calls pass only what they need, the mask positionally.
         if attn_mask is None:
             return _sdpa(q, k, v, enable_gqa=True).transpose(1, 2)
-        return _sdpa(q, k, v, attn_mask=attn_mask, enable_gqa=True).transpose(1, 2)
-    out = _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2)
+        return _sdpa(q, k, v, attn_mask, enable_gqa=True).transpose(1, 2)
+    return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=True).transpose(1, 2)
 
 
 def native_bhsd(
@@ -75,14 +75,11 @@ def native_bhsd(
     """:func:`native` for (batch, heads, seq, head_dim) tensors, SDPA's own layout: out (batch, heads_q, seq_q,
     head_dim_v). Heads_kv may divide heads_q whatever enable_gqa says: SDPA always gets ``enable_gqa=True``, which
     changes nothing where the heads are equal (see :func:`native`)."""
-    if not dropout_p and not is_causal and scale is None:
-        # Every extra argument costs torch's argument parser ~0.1 us: the plain calls pass only what they need.
+    if not dropout_p and not is_causal and scale is None:  # (as in native)
         if attn_mask is None:
             return _sdpa(query, key, value, enable_gqa=True)
-        return _sdpa(query, key, value, attn_mask=attn_mask, enable_gqa=True)
-    return _sdpa(
-        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=True
-    )
+        return _sdpa(query, key, value, attn_mask, enable_gqa=True)
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=True)
 
 
 def _with_extras(run: BackendFn, math_fallback: bool) -> ExtraFn:
