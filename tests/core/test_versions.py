@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from attnpatch.backends import _probe
@@ -41,6 +43,17 @@ def test_version_tuple_reads_the_release(version: str, release: tuple[int, ...],
 )
 def test_older_than_orders_pre_releases_before_their_release(version: str, minimum: str, older: bool) -> None:
     assert older_than(version, minimum) is older
+
+
+def test_older_than_follows_pips_order_between_pre_releases() -> None:
+    # Each is older than the next (PEP 440): two pre-releases of one release were equal before (b3 == b5).
+    order = ["1.0.dev1", "1.0a1.dev1", "1.0a1", "1.0a1.post1", "1.0b1", "1.0b3", "1.0b40", "1.0rc1", "1.0"]
+    order += ["1.0.post1.dev1", "1.0.post1", "1.0.1"]
+    for older, newer in itertools.pairwise(order):
+        assert older_than(older, newer) and not older_than(newer, older), (older, newer)
+    assert not any(older_than(v, v) for v in order)
+    assert older_than("1.0-RC.1", "1.0rc2")  # other spellings of the same parts
+    assert not older_than("1.0.weird", "1.0")  # unreadable after the release: read as the release
 
 
 def test_a_release_candidate_of_the_minimum_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
