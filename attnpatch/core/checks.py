@@ -65,3 +65,19 @@ def run_checks(
                 AttnpatchWarning,
                 stacklevel=4,
             )
+
+
+def check_output(out: object, query: torch.Tensor, value: torch.Tensor, backend: str) -> None:
+    """Debug check of a backend's result: (batch, seq_q, heads, head_dim_v), the query's dtype and device."""
+    expected = (*query.shape[:3], value.shape[-1])
+    if not isinstance(out, torch.Tensor):
+        raise CheckFailed(f"backend {backend!r} returned {type(out).__name__}, not a tensor of shape {expected}")
+    if tuple(out.shape) != expected:
+        raise CheckFailed(
+            f"backend {backend!r} returned shape {tuple(out.shape)}, expected {expected} (batch, seq_q, heads, "
+            "head_dim_v): fix the backend's layout"
+        )
+    if out.dtype != query.dtype or out.device != query.device:
+        raise CheckFailed(
+            f"backend {backend!r} returned {out.dtype} on {out.device}, expected {query.dtype} on {query.device}"
+        )

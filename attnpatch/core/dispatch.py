@@ -31,11 +31,11 @@ from attnpatch.core.accounting import (  # noqa: F401
     reset_fallbacks,
 )
 from attnpatch.core.call import MASK_NONE, CallSpec, ExtraArgs, check_extras, extras_signature
-from attnpatch.core.checks import run_checks
+from attnpatch.core.checks import check_output, run_checks
 from attnpatch.core.decide import auto_candidates  # noqa: F401 (public: tools and tests rank with it)
 from attnpatch.core.registry import Backend
 from attnpatch.core.selection import AUTO, Chain
-from attnpatch.errors import CheckFailed, UnsupportedCall
+from attnpatch.errors import UnsupportedCall
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -182,7 +182,7 @@ def dispatch_attention(
                         try:
                             return fast.fn(query, key, value, as_is, dropout_p, is_causal, scale, enable_gqa)
                         except RuntimeError:
-                            _explain_mask(attn_mask, query, key)
+                            masks.explain(attn_mask, query, key)
                             raise
                 attn_mask, kind = masks.normalize(attn_mask, query, key)
                 if is_causal:
@@ -299,14 +299,6 @@ def route_bhsd(
     if isinstance(out, tuple):  # return_lse: (out, lse); lse keeps the dispatcher's layout
         return out[0].transpose(1, 2), out[1]
     return out.transpose(1, 2)
-
-
-def _explain_mask(attn_mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
-    # A mask torch's SDPA refused: raise the dispatcher's one-line error for it if it breaks the mask rules.
-    try:
-        masks.normalize(attn_mask, query, key)
-    except CheckFailed as clear:
-        raise clear from None
 
 
 def runs_sdpa(module_chain: Chain | None = None) -> bool:
@@ -496,22 +488,6 @@ def _name_backend(exc: Exception, name: str) -> None:
 def _shorten(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def check_output(out: object, query: torch.Tensor, value: torch.Tensor, backend: str) -> None:
-    """Debug check of a backend's result: (batch, seq_q, heads, head_dim_v), the query's dtype and device."""
-    expected = (*query.shape[:3], value.shape[-1])
-    if not isinstance(out, torch.Tensor):
-        raise CheckFailed(f"backend {backend!r} returned {type(out).__name__}, not a tensor of shape {expected}")
-    if tuple(out.shape) != expected:
-        raise CheckFailed(
-            f"backend {backend!r} returned shape {tuple(out.shape)}, expected {expected} (batch, seq_q, heads, "
-            "head_dim_v): fix the backend's layout"
-        )
-    if out.dtype != query.dtype or out.device != query.device:
-        raise CheckFailed(
-            f"backend {backend!r} returned {out.dtype} on {out.device}, expected {query.dtype} on {query.device}"
-        )
 
 
 # help() and inspect show the later arguments by name (they arrive in **extra: see dispatch_attention).

@@ -55,6 +55,16 @@ def normalize(
     return result
 
 
+def explain(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor, bhsd: bool = False) -> None:
+    """For a mask torch's SDPA refused when handed it as it is: raise the dispatcher's one-line
+    :class:`~attnpatch.errors.CheckFailed` for it if it breaks the rules above (not chained to SDPA's error);
+    return if it does not (the caller re-raises SDPA's)."""
+    try:
+        normalize(mask, query, key, bhsd)
+    except CheckFailed as clear:
+        raise clear from None
+
+
 def _normalize(
     mask: torch.Tensor, query_shape: torch.Size, key_shape: torch.Size, dtype: torch.dtype, bhsd: bool
 ) -> tuple[torch.Tensor, str]:
