@@ -268,6 +268,10 @@ def test_bad_mask_shape_is_an_error_even_without_checks() -> None:
         with pytest.raises(CheckFailed, match=r"4-D mask must broadcast") as raised:
             attnpatch.dispatch_attention(q, k, v, attn_mask=mask)
         assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    # A mask with more batch rows than the query: SDPA must not broadcast the output up to them.
+    q1, k1, v1 = qkv(batch=1)
+    with pytest.raises(CheckFailed, match=r"4-D mask must broadcast"):
+        attnpatch.dispatch_attention(q1, k1, v1, attn_mask=torch.ones(2, 1, 1, 6, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("name", ["native", "_native_math", "flex"])
