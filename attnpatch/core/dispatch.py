@@ -167,15 +167,15 @@ def dispatch_attention(
             fast = chain.fast
             if attn_mask is not None:
                 if fast is not None and fast.is_sdpa and not is_causal and isinstance(attn_mask, torch.Tensor):
-                    # torch's SDPA (native) takes a 4-D bool mask, or an additive one in the query's dtype, as it is
-                    # (as in route_bhsd): it reads it as the dispatcher does and checks its shape itself. A 2-D bool
-                    # key-padding mask normalised before (the same object) goes as the 4-D view made then. A mask
-                    # SDPA refuses gets the dispatcher's own one-line error.
+                    # torch's SDPA (native) takes a 4-D bool mask, or an additive one in the query's dtype, as the
+                    # dispatcher reads it (as in route_bhsd), and a 2-D bool key-padding mask seen before as its kept
+                    # view; SDPA checks the shapes, and a mask it refuses gets the dispatcher's one-line error.
                     ndim = attn_mask.ndim
                     if ndim == 4 and (attn_mask.dtype is torch.bool or attn_mask.dtype is query.dtype):
                         as_is = attn_mask
-                    elif ndim == 2 and not _is_dynamo_compiling() and attn_mask is masks.padding[0]:
-                        as_is = masks.padding[1]
+                    elif ndim == 2 and not _is_dynamo_compiling():
+                        kept = masks.padding  # read once: another thread may keep another mask meanwhile
+                        as_is = kept[1] if attn_mask is kept[0] else None
                     else:
                         as_is = None
                     if as_is is not None:
