@@ -128,3 +128,19 @@ def test_the_kept_view_is_not_read_while_compiling() -> None:
     assert counters["stats"]["unique_graphs"] == 1
     torch.testing.assert_close(again, out)
     torch.testing.assert_close(out, expected(q, k, v, first))
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_a_4d_mask_compiles_in_one_graph(kind: str) -> None:
+    """The pass-through (its try/except included) traces with fullgraph=True and gives the normalised answer."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    q, k, v = qkv(dtype=torch.float32)
+    keep = torch.rand(2, 1, 5, 7) > 0.3
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    compiled = torch.compile(lambda q, k, v, m: attnpatch.dispatch_attention(q, k, v, attn_mask=m), fullgraph=True)
+    out = compiled(q, k, v, mask)
+    assert sum(counters["graph_break"].values()) == 0
+    torch.testing.assert_close(out, expected(q, k, v, mask), rtol=1e-5, atol=1e-5)
