@@ -128,7 +128,7 @@ def dispatch_attention(
     value: (batch, seq_kv, heads_kv, head_dim_v) -> out: (batch, seq_q, heads, head_dim_v).
     heads_kv may divide heads (GQA/MQA) with or without ``enable_gqa``.
     attn_mask: bool/integer (True = attend) or additive float; (batch|1, seq_kv) key padding,
-        (batch, seq_q, seq_kv) or (batch|1, 1|heads, seq_q|1, seq_kv). Query rows with no key to attend give 0.
+        (batch|1, seq_q|1, seq_kv) or (batch|1, 1|heads, seq_q|1, seq_kv). Query rows with no key to attend give 0.
     is_causal: top-left aligned like torch's SDPA; may be combined with attn_mask (both apply).
     backend: per-call selection (name, alias, ``auto`` or chain), overriding every other setting.
 

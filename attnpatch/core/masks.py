@@ -2,7 +2,7 @@
 
 Accepted masks (True / non-zero = attend for bool and integer masks; additive masks are added to the scores):
     (batch|1, seq_kv)                    key padding, e.g. a tokenizer's attention_mask
-    (batch, seq_q, seq_kv)               per-query mask
+    (batch|1, seq_q|1, seq_kv)           per-query mask
     (batch|1, 1|heads, seq_q|1, seq_kv)  SDPA-style 4-D mask, broadcast over the singleton dims
 Out: a 4-D mask in one of the kinds of :mod:`attnpatch.core.call` (bool, key_padding, additive in query's dtype).
 Note that a 2-D mask is *key padding* here, not SDPA's (seq_q, seq_kv): pass that one as (1, 1, seq_q, seq_kv).
