@@ -172,7 +172,7 @@ def dispatch_attention(
                     # view; SDPA checks the shapes, and a mask it refuses gets the dispatcher's one-line error.
                     ndim = attn_mask.ndim
                     if ndim == 4 and (attn_mask.dtype is torch.bool or attn_mask.dtype is query.dtype):
-                        as_is = attn_mask
+                        as_is: torch.Tensor | None = attn_mask
                     elif ndim == 2 and not _is_dynamo_compiling():
                         kept = masks.padding  # read once: another thread may keep another mask meanwhile
                         as_is = kept[1] if attn_mask is kept[0] else None
