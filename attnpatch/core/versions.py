@@ -30,9 +30,8 @@ def version_tuple(version: str) -> tuple[int, ...]:
 def is_prerelease(version: str) -> bool:
     """Whether ``version`` is a pre-release or development release (``"2.2.0rc1"``, ``"4.0.0b40"``,
     ``"0.36.0.dev0"``), which pip orders before its release."""
-    release = ".".join(map(str, version_tuple(version)))
-    rest = version.split("+")[0][len(release) :].lstrip(".-_").lower()
-    return rest.startswith(("a", "b", "c", "rc", "pre", "dev"))
+    pre_rank, _, _, dev = _suffix_key(version)
+    return pre_rank != _MANY or dev != _MANY
 
 
 # What may follow the release numbers (PEP 440, any case and separators): a pre-release, a post-release, a
